@@ -1,0 +1,57 @@
+"""Exact retrieval metrics on L2-normalised embeddings (inner product = cosine similarity).
+
+Recall@K: the fraction of queries with at least one gallery item of their label among the top
+K. MAP@R (Musgrave et al., "A Metric Learning Reality Check", 2020): for a query with R gallery
+items of its label, the mean over the top R ranks of precision@i counted at relevant ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["search", "retrieval_metrics", "recall_at_1"]
+
+
+@torch.no_grad()
+def search(query: torch.Tensor, gallery: torch.Tensor, k: int,
+           chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k by inner product: (scores, indices), each (queries, k)."""
+    k = min(k, len(gallery))
+    scores, indices = [], []
+    for start in range(0, len(query), chunk):
+        s, i = (query[start : start + chunk] @ gallery.T).topk(k, dim=1)
+        scores.append(s)
+        indices.append(i)
+    return torch.cat(scores), torch.cat(indices)
+
+
+@torch.no_grad()
+def recall_at_1(query, query_labels, gallery, gallery_labels) -> float:
+    _, idx = search(query, gallery, 1)
+    return (gallery_labels[idx[:, 0]] == query_labels).float().mean().item()
+
+
+@torch.no_grad()
+def retrieval_metrics(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
+                      gallery_labels: torch.Tensor, chunk: int = 256) -> dict[str, float]:
+    """Recall@1, Recall@5 and MAP@R of queries against a separate gallery, by exact search."""
+    query_labels = torch.as_tensor(query_labels)
+    gallery_labels = torch.as_tensor(gallery_labels)
+    counts = torch.bincount(gallery_labels, minlength=int(query_labels.max()) + 1)
+    r = counts[query_labels]
+    max_r = max(int(r.max()), 5)
+    hits1 = hits5 = map_sum = 0.0
+    for start in range(0, len(query), chunk):
+        _, idx = search(query[start : start + chunk], gallery, max_r, chunk)
+        rel = (gallery_labels[idx] == query_labels[start : start + chunk, None]).float()
+        hits1 += rel[:, 0].sum().item()
+        hits5 += rel[:, :5].amax(dim=1).sum().item()
+        rq = r[start : start + chunk]
+        ranks = torch.arange(1, rel.shape[1] + 1)
+        within_r = ranks[None, :] <= rq[:, None]
+        rel = rel * within_r
+        precision = rel.cumsum(dim=1) / ranks
+        ap = (precision * rel).sum(dim=1) / rq.clamp(min=1)
+        map_sum += ap[rq > 0].sum().item()
+    n = len(query)
+    return {"recall_at_1": hits1 / n, "recall_at_5": hits5 / n, "map_at_r": map_sum / n}
