@@ -1,0 +1,303 @@
+"""Transformation heads: map each gallery model's embeddings into the shared search space.
+
+Two modes:
+- ``to-query`` (the paper's model-to-model mode): one head T_i per gallery model, trained with
+  G_i and the query model Q frozen, minimising ||norm(T_i(G_i(x))) - Q(x)||^2. The space is the
+  query model's own; its ``space_id`` is Q's fingerprint.
+- ``unified``: a small query head T_q on frozen Q and the heads T_i are trained jointly into a
+  shared space: L2 between the normalised transformed embeddings of the same image, plus
+  classification of both sides through one shared cosine classifier. Its ``space_id`` is minted
+  from the gallery-side heads and the classifier, so a later query head T_q' trained against
+  them (a query-model update) keeps the space and the gallery is not touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    CheckpointError, fingerprint, load_state_strict, read_config, read_weights, save_checkpoint,
+)
+from .fusion import fuse
+
+__all__ = ["MODES", "DEFAULT_MODE", "Head", "HeadSet", "HeadSettings", "train_heads",
+           "train_query_head", "save_heads", "load_heads", "check_compatible"]
+
+MODES = ("unified", "to-query")
+DEFAULT_MODE = "unified"
+
+
+class Head(nn.Module):
+    """Forward-Compatible-Training-style MLP: in -> [hidden, BN, ReLU] x layers -> out."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 512, layers: int = 2) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        d = in_dim
+        for _ in range(layers):
+            blocks += [nn.Linear(d, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
+            d = hidden
+        blocks.append(nn.Linear(d, out_dim))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x), dim=-1)
+
+
+@dataclass
+class HeadSettings:
+    epochs: int = 15
+    batch_size: int = 512
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    hidden: int = 512
+    layers: int = 2
+    temperature: float = 0.05
+    l2_weight: float = 1.0
+    seed: int = 0
+
+
+class HeadSet(nn.Module):
+    """The heads of one space: a head per gallery model, and in ``unified`` mode the query head
+    and the shared classifier. ``meta`` keeps names, dims and fingerprints of what they join."""
+
+    def __init__(self, mode: str, dim: int, gallery_dims: dict[str, int], query_dim: int,
+                 num_classes: int, hidden: int = 512, layers: int = 2) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "to-query" and dim != query_dim:
+            raise ValueError(f"to-query heads map into the query space: dim {dim} != {query_dim}")
+        self.mode, self.dim, self.query_dim = mode, dim, query_dim
+        self.gallery_dims = dict(gallery_dims)
+        self.num_classes, self.hidden, self.layers = num_classes, hidden, layers
+        self.gallery = nn.ModuleDict(
+            {_key(n): Head(d, dim, hidden, layers) for n, d in gallery_dims.items()}
+        )
+        self.query = Head(query_dim, dim, hidden, layers) if mode == "unified" else None
+        self.classifier = nn.Parameter(torch.randn(num_classes, dim) * 0.01) \
+            if mode == "unified" else None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.gallery_dims)
+
+    def transform_gallery(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+        return self.gallery[_key(name)](raw)
+
+    def transform_query(self, query_embedding: torch.Tensor) -> torch.Tensor:
+        if self.query is None:
+            return F.normalize(query_embedding, dim=-1)
+        return self.query(query_embedding)
+
+    @torch.no_grad()
+    def encode_gallery(self, raw: dict[str, torch.Tensor],
+                       names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gallery vectors and uncertainties from raw per-model embeddings (eval mode)."""
+        self.eval()
+        names = names or self.names
+        return fuse(torch.stack([self.transform_gallery(n, raw[n].float()) for n in names]))
+
+    @torch.no_grad()
+    def encode_query(self, query_embedding: torch.Tensor) -> torch.Tensor:
+        self.eval()
+        return self.transform_query(query_embedding.float())
+
+    def gallery_state(self) -> dict[str, torch.Tensor]:
+        """Weights that define the gallery side of the space (heads + classifier)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("query.")}
+
+    def space_id(self, query_fingerprint: str) -> str:
+        if self.mode == "to-query":
+            return query_fingerprint
+        return "unified-" + fingerprint(self.gallery_state(), {"dim": self.dim})
+
+    def head_fingerprint(self, name: str) -> str:
+        prefix = f"gallery.{_key(name)}."
+        return fingerprint({k: v for k, v in self.state_dict().items() if k.startswith(prefix)},
+                           {"in": self.gallery_dims[name], "out": self.dim})
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator):
+    order = torch.randperm(n, generator=gen)
+    for start in range(0, n - 1, batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) > 1:
+            yield idx
+
+
+def _optimise(params, n: int, s: HeadSettings, loss_fn, desc: str, modules) -> None:
+    gen = torch.Generator().manual_seed(s.seed)
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    steps = s.epochs * math.ceil(n / s.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, s.lr, total_steps=steps + s.epochs,
+                                                pct_start=0.1)
+    for m in modules:
+        m.train()
+    with tqdm(total=s.epochs, desc=desc, leave=False, unit="epoch") as bar:
+        for _ in range(s.epochs):
+            for idx in _batches(n, s.batch_size, gen):
+                loss = loss_fn(idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    for m in modules:
+        m.eval()
+
+
+def _cosine_logits(x: torch.Tensor, classifier: torch.Tensor, temperature: float):
+    return x @ F.normalize(classifier, dim=-1).T / temperature
+
+
+def train_heads(mode: str, gallery_raw: dict[str, torch.Tensor], query_embedding: torch.Tensor,
+                labels: torch.Tensor, s: HeadSettings | None = None,
+                dim: int | None = None) -> HeadSet:
+    """Train the heads of one space on embeddings of the same training images.
+
+    ``gallery_raw[name]`` holds G_name's embeddings (N, d_name); ``query_embedding`` is Q's
+    (N, d_q); in ``unified`` mode ``labels`` (N,) feed the shared classifier.
+    """
+    s = s or HeadSettings()
+    torch.manual_seed(s.seed)
+    n = len(query_embedding)
+    for name, raw in gallery_raw.items():
+        if len(raw) != n:
+            raise ValueError(f"{name}: {len(raw)} gallery embeddings for {n} query embeddings")
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    q = F.normalize(query_embedding.float(), dim=-1)
+    raw = {k: v.float() for k, v in gallery_raw.items()}
+    heads = HeadSet(mode, dim or q.shape[1], {k: v.shape[1] for k, v in raw.items()}, q.shape[1],
+                    int(labels.max()) + 1, s.hidden, s.layers)
+    if mode == "to-query":
+        for name in heads.names:
+            head = heads.gallery[_key(name)]
+            _optimise(head.parameters(), n, s,
+                      lambda idx, head=head, name=name:
+                      (head(raw[name][idx]) - q[idx]).pow(2).sum(1).mean(),
+                      f"head {name} -> query", [head])
+        return heads.eval()
+
+    def unified_loss(idx):
+        tq = heads.query(q[idx])
+        y = labels[idx]
+        loss = F.cross_entropy(_cosine_logits(tq, heads.classifier, s.temperature), y)
+        for name in heads.names:
+            tg = heads.gallery[_key(name)](raw[name][idx])
+            loss = loss + (s.l2_weight * (tg - tq).pow(2).sum(1).mean()
+                           + F.cross_entropy(_cosine_logits(tg, heads.classifier, s.temperature),
+                                             y)) / len(heads.names)
+        return loss
+
+    _optimise(heads.parameters(), n, s, unified_loss, "unified heads", [heads])
+    return heads.eval()
+
+
+def train_query_head(heads: HeadSet, gallery_raw: dict[str, torch.Tensor],
+                     new_query_embedding: torch.Tensor, labels: torch.Tensor,
+                     s: HeadSettings | None = None) -> HeadSet:
+    """Compatible query-model update in ``unified`` mode: a new query head T_q' for a new query
+    model, trained against the frozen gallery heads and classifier. No gallery model runs (the
+    stored raw training embeddings are used) and the gallery's space is unchanged."""
+    if heads.mode != "unified":
+        raise ValueError("a new query head needs unified heads; in to-query mode train new "
+                         "gallery heads into the new query space (train_heads) and re-project")
+    s = s or HeadSettings()
+    torch.manual_seed(s.seed)
+    new = copy.deepcopy(heads).eval()
+    for p in new.parameters():
+        p.requires_grad_(False)
+    new.query = Head(new_query_embedding.shape[1], heads.dim, s.hidden, s.layers)
+    new.query_dim = new_query_embedding.shape[1]
+    q = F.normalize(new_query_embedding.float(), dim=-1)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    with torch.no_grad():
+        targets = torch.stack([new.transform_gallery(nm, gallery_raw[nm].float())
+                               for nm in new.names])  # (N_models, N, dim)
+
+    def loss_fn(idx):
+        tq = new.query(q[idx])
+        l2 = (targets[:, idx] - tq[None]).pow(2).sum(-1).mean()
+        ce = F.cross_entropy(_cosine_logits(tq, new.classifier, s.temperature), labels[idx])
+        return s.l2_weight * l2 + ce
+
+    _optimise(new.query.parameters(), len(q), s, loss_fn, "new query head", [new.query])
+    for p in new.parameters():
+        p.requires_grad_(True)
+    return new.eval()
+
+
+def save_heads(path: Path, heads: HeadSet, query_fingerprint: str,
+               gallery_fingerprints: dict[str, str], settings: HeadSettings,
+               training: dict) -> dict:
+    """Write a heads checkpoint folder; records the space and what the heads join."""
+    config = {
+        "kind": "heads",
+        "identity": {"mode": heads.mode, "dim": heads.dim, "query_dim": heads.query_dim,
+                     "gallery_dims": heads.gallery_dims, "num_classes": heads.num_classes,
+                     "hidden": heads.hidden, "layers": heads.layers},
+        "space_id": heads.space_id(query_fingerprint),
+        "query_fingerprint": query_fingerprint,
+        "gallery_models": [{"name": n, "fingerprint": gallery_fingerprints[n],
+                            "head_fingerprint": heads.head_fingerprint(n)} for n in heads.names],
+        "settings": asdict(settings),
+        "training": training,
+    }
+    return save_checkpoint(path, heads.state_dict(), config)
+
+
+def load_heads(path: Path) -> tuple[HeadSet, dict]:
+    path = Path(path)
+    config = read_config(path, "heads")
+    state = read_weights(path, config)
+    try:
+        heads = HeadSet(**config["identity"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot build heads from its config: {e}") from e
+    load_state_strict(heads, state, path)
+    return heads.eval(), config
+
+
+def check_compatible(heads_config: dict, query_config: dict,
+                     gallery_configs: dict[str, dict]) -> None:
+    """Raise a clear error when heads do not belong to these query and gallery models."""
+    ident = heads_config["identity"]
+    if query_config["embedding_dim"] != ident["query_dim"]:
+        raise CheckpointError(
+            f"heads expect a {ident['query_dim']}-dim query model, the query model "
+            f"({query_config['fingerprint']}) gives {query_config['embedding_dim']}"
+        )
+    if heads_config["query_fingerprint"] != query_config["fingerprint"]:
+        raise CheckpointError(
+            f"heads belong to query model {heads_config['query_fingerprint']} (space "
+            f"{heads_config['space_id']}), not to query model {query_config['fingerprint']}"
+        )
+    known = {g["name"]: g for g in heads_config["gallery_models"]}
+    for name, cfg in gallery_configs.items():
+        if name not in known:
+            raise CheckpointError(f"heads have no head for gallery model {name!r}; "
+                                  f"they have {sorted(known)}")
+        if cfg["embedding_dim"] != ident["gallery_dims"][name]:
+            raise CheckpointError(
+                f"head {name!r} takes {ident['gallery_dims'][name]}-dim input, gallery model "
+                f"{name!r} ({cfg['fingerprint']}) gives {cfg['embedding_dim']}"
+            )
+        if known[name]["fingerprint"] != cfg["fingerprint"]:
+            raise CheckpointError(
+                f"head {name!r} was trained for gallery model {known[name]['fingerprint']}, "
+                f"given {cfg['fingerprint']}"
+            )
