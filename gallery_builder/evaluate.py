@@ -19,7 +19,13 @@ from .experiment import ExperimentConfig, Splits, get_distilled, get_model, load
 from .heads import MODES, HeadSet, save_heads, train_heads, train_query_head
 from .metrics import recall_at_1, retrieval_metrics, search
 from .rejection import (
-    GALLERY_COVERAGE, QUERY_COVERAGE, aurc, kept_order, n_kept, rank_average, selective_scores,
+    GALLERY_COVERAGE,
+    QUERY_COVERAGE,
+    aurc,
+    kept_order,
+    n_kept,
+    rank_average,
+    selective_scores,
 )
 from .train import embed
 

@@ -24,7 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import (
-    CheckpointError, fingerprint, load_state_strict, read_config, read_weights, save_checkpoint,
+    CheckpointError,
+    fingerprint,
+    load_state_strict,
+    read_config,
+    read_weights,
+    save_checkpoint,
 )
 from .fusion import fuse
 

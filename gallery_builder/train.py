@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-
 from pytorch_metric_learning.losses import NormalizedSoftmaxLoss
 from tqdm.auto import tqdm
 

@@ -135,7 +135,9 @@ def _check_feature_dim(model: EmbeddingNet, feature_dim: int) -> None:
 def _import_entry_point(entry_point: str):
     module, _, name = entry_point.partition(":")
     if not module or not name:
-        raise CheckpointError(f"entry point must look like 'package.module:name', got {entry_point!r}")
+        raise CheckpointError(
+            f"entry point must look like 'package.module:name', got {entry_point!r}"
+        )
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
