@@ -1,0 +1,106 @@
+"""The cmce CLI on scikit-learn's digits: train, heads, update, eval and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from gallery_builder import data as data_module
+from gallery_builder.cli import main
+
+SMALL = ["--data", "digits", "--epochs", "2", "--batch-size", "64"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    for name, arch, dim in (("resnet", "resnet", 24), ("widecnn", "widecnn", 32)):
+        r = invoke("train", "gallery", "--arch", arch, "--embedding-dim", dim,
+                   "--kwargs", '{"width": 8}', "--out", root / name, "--seed", 1, *SMALL)
+        assert r.exit_code == 0, r.output
+    for name, seed in (("query", 2), ("query-new", 3)):
+        r = invoke("train", "query", "--embedding-dim", 16, "--kwargs", '{"width": 4}',
+                   "--out", root / name, "--seed", seed, *SMALL)
+        assert r.exit_code == 0, r.output
+    r = invoke("train", "heads", "--query", root / "query", "--gallery-model", root / "resnet",
+               "--gallery-model", root / "widecnn", "--data", "digits", "--dim", 16,
+               "--epochs", 3, "--out", root / "heads")
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def test_train_writes_checkpoints(trained):
+    config = json.loads((trained / "resnet" / "config.json").read_text())
+    assert config["role"] == "gallery" and config["embedding_dim"] == 24
+    assert config["training"]["data"] == "digits" and config["training"]["images"] == 1797
+    assert len(config["fingerprint"]) == 16
+    heads = json.loads((trained / "heads" / "config.json").read_text())
+    assert heads["space_id"].startswith("unified-")
+    assert [g["name"] for g in heads["gallery_models"]] == ["resnet", "widecnn"]
+    assert (trained / "heads" / "train-embeddings.safetensors").is_file()
+
+
+def test_update_keeps_the_space(trained):
+    r = invoke("train", "update", "--heads", trained / "heads", "--query",
+               trained / "query-new", "--data", "digits", "--epochs", 3,
+               "--out", trained / "heads-new")
+    assert r.exit_code == 0, r.output
+    old = json.loads((trained / "heads" / "config.json").read_text())
+    new = json.loads((trained / "heads-new" / "config.json").read_text())
+    assert new["space_id"] == old["space_id"]
+    assert new["query_fingerprint"] != old["query_fingerprint"]
+    assert "unchanged" in r.output
+
+
+def test_eval_json(trained):
+    r = invoke("eval", "--query", trained / "query", "--heads", trained / "heads",
+               "--gallery-model", trained / "resnet", "--gallery-model", trained / "widecnn",
+               "--gallery-images", "digits", "--query-images", "digits", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert set(out["settings"]) == {"sym:query", "unified:resnet", "unified:widecnn",
+                                    "unified:ensemble"}
+    # gallery == queries: each query finds itself (or an exact duplicate) first
+    assert out["settings"]["sym:query"]["recall_at_1"] == pytest.approx(1.0)
+    assert 0.1 < out["settings"]["unified:ensemble"]["map_at_r"] <= 1.0
+
+
+def test_eval_refuses_heads_of_another_query_model(trained):
+    r = CliRunner().invoke(main, [
+        "eval", "--query", str(trained / "query-new"), "--heads", str(trained / "heads"),
+        "--gallery-model", str(trained / "resnet"), "--gallery-images", "digits",
+        "--query-images", "digits"])
+    assert r.exit_code == 1
+    assert "error: heads belong to query model" in r.output
+    new_fp = json.loads((trained / "query-new" / "config.json").read_text())["fingerprint"]
+    assert new_fp in r.output
+
+
+def test_missing_dataset_names_all_three_ways(tmp_path, monkeypatch):
+    monkeypatch.setenv("CMCE_DATA", str(tmp_path / "none"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(data_module, "SYSTEM_DATA_DIRS", (tmp_path / "system",))
+    r = CliRunner().invoke(main, ["data", "where"])
+    assert r.exit_code == 1
+    for way in ("cmce data fetch fashion-mnist", "apt-get download dataset-fashion-mnist",
+                "torchvision"):
+        assert way in r.output
+
+
+def test_folder_needs_an_input_spec(tmp_path):
+    r = CliRunner().invoke(main, ["train", "gallery", "--data", str(tmp_path), "--out",
+                                  str(tmp_path / "m")])
+    assert r.exit_code == 2 and "--input-spec" in r.output
+
+
+def test_models_lists_the_families():
+    r = invoke("models")
+    for name in ("resnet", "widecnn", "vit", "mobilenet"):
+        assert name in r.output

@@ -1,0 +1,102 @@
+"""A tiny train -> eval run of the reference experiment on scikit-learn's digits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from gallery_builder.evaluate import run_experiment
+from gallery_builder.experiment import PRESETS
+from gallery_builder.heads import load_heads
+from gallery_builder.report import write_report
+
+SETTING_KEYS = {"recall_at_1", "recall_at_1_std", "recall_at_5", "map_at_r"}
+VIEW_KEYS = {"coverage", "score", "score_random", "aurc", "aurc_random"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits-run")
+    cfg = PRESETS["digits"]()
+    report = run_experiment(cfg, out)
+    write_report(report, out)
+    return cfg, report, out
+
+
+def test_report_follows_the_contract(run):
+    cfg, report, out = run
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["default_mode"] in ("unified", "to-query")
+    assert on_disk["dataset"] == "digits" and "gallery" in on_disk["protocol"]
+    names = [m.name for m in cfg.gallery_models]
+    expected = {"sym:query", *(f"sym:{g}" for g in names), *(f"kd:{g}" for g in names)}
+    for mode in ("unified", "to-query"):
+        expected |= {f"{mode}:{g}" for g in names} | {f"{mode}:ensemble"}
+    assert set(on_disk["settings"]) == expected
+    for values in on_disk["settings"].values():
+        assert SETTING_KEYS <= set(values)
+        assert all(0.0 <= values[k] <= 1.0 for k in ("recall_at_1", "recall_at_5", "map_at_r"))
+        assert values["recall_at_1"] <= values["recall_at_5"]
+    rej = on_disk["rejection"]
+    assert VIEW_KEYS <= set(rej["gallery_drop"]) and VIEW_KEYS <= set(rej["gallery_quality"])
+    assert VIEW_KEYS | {"score_similarity", "score_best", "aurc_similarity", "aurc_best"} <= set(
+        rej["query_time"])
+    for view in rej.values():
+        assert view["coverage"][0] == 1.0 and view["coverage"] == sorted(view["coverage"])[::-1]
+        assert len(view["score"]) == len(view["coverage"]) == len(view["score_random"])
+        # nothing is rejected at full coverage: every rule starts at the same score
+        assert view["score"][0] == pytest.approx(view["score_random"][0], abs=1e-6)
+    assert set(on_disk["update"]) >= {"old_query_recall_at_1", "new_query_recall_at_1"}
+    models = on_disk["models"]
+    assert models["query"]["mflops"] < min(models[g]["mflops"] for g in names)
+    assert all(m["params"] > 0 for m in models.values())
+
+
+def test_models_learn_and_the_ensemble_helps(run):
+    _, report, _ = run
+    s = report["settings"]
+    assert s["sym:resnet"]["recall_at_1"] > 0.8  # 10 classes: chance is 0.1
+    mode = report["default_mode"]
+    singles = [v["recall_at_1"] for k, v in s.items()
+               if k.startswith(f"{mode}:") and not k.endswith("ensemble")]
+    assert s[f"{mode}:ensemble"]["recall_at_1"] > sum(singles) / len(singles)
+    assert s[f"{mode}:ensemble"]["recall_at_1"] > 0.3
+
+
+def test_spread_finds_bad_gallery_images(run):
+    _, report, _ = run
+    quality = report["rejection"]["gallery_quality"]
+    assert quality["aurc"] < quality["aurc_random"]
+    assert quality["score"][-1] > quality["score"][0]
+
+
+def test_update_keeps_the_gallery_and_helps(run):
+    _, report, _ = run
+    unified = report["update"]["modes"]["unified"]
+    assert unified["gallery_reencoded"] is False
+    assert unified["new_query_recall_at_1"] >= unified["old_query_recall_at_1"]
+
+
+def test_artifacts_are_written(run):
+    _, report, out = run
+    for png in ("settings.png", "rejection.png"):
+        with Image.open(out / png) as im:
+            assert im.format == "PNG" and im.width > 400
+    md = (out / "report.md").read_text()
+    assert f"**{report['default_mode']}:ensemble**" in md
+    heads, config = load_heads(out / "heads" / "unified")
+    assert config["space_id"].startswith("unified-") and heads.mode == "unified"
+    assert (out / "models" / "query" / "weights.safetensors").is_file()
+
+
+def test_cached_models_are_reused(run, caplog):
+    cfg, report, out = run
+    from gallery_builder.experiment import get_model, load_splits
+
+    splits = load_splits(cfg)
+    with caplog.at_level("INFO", logger="gallery_builder.experiment"):
+        _, config = get_model(cfg.query_model, cfg, splits.train, out / "models", "query")
+    assert "reusing" in caplog.text
+    assert config["params"] == report["models"]["query"]["params"]
