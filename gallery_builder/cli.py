@@ -20,7 +20,7 @@ from query_sdk.spec import InputSpec
 from .checkpoint import CheckpointError
 from .data import DataError, DatasetMissing
 
-KNOWN_ERRORS = (CheckpointError, DataError, DatasetMissing, ValueError, FileNotFoundError)
+KNOWN_ERRORS = (CheckpointError, DataError, DatasetMissing, ValueError, OSError)
 BUILTIN_SPECS = {
     "fashion-mnist": InputSpec(28, 28, 1, mean=(0.286,), std=(0.353,)),
     "digits": InputSpec(8, 8, 1, mean=(0.3,), std=(0.4,)),

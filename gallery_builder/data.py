@@ -44,6 +44,8 @@ __all__ = [
     "fetch_fashion_mnist",
     "load_digits",
     "load_fashion_mnist",
+    "decode_image",
+    "list_image_folder",
     "load_image_folder",
     "load_source",
     "read_idx",
@@ -420,7 +422,7 @@ def load_digits() -> ImageSet:
 # ------------------------------------------------------------------------------ image folder
 
 
-def _decode(path: Path, spec: InputSpec) -> np.ndarray:
+def decode_image(path: Path, spec: InputSpec) -> np.ndarray:
     """One image file as (H, W, C) uint8 at the spec's size and channels."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
@@ -433,12 +435,10 @@ def _decode(path: Path, spec: InputSpec) -> np.ndarray:
     return to_model_input(pixels[None], spec)[0]
 
 
-def load_image_folder(root: Path, spec: InputSpec, progress: bool = False) -> ImageSet:
-    """Images under ``root/<class>/`` (sorted class names), decoded and resized to ``spec``.
+def list_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Image files under ``root/<class>/`` with their label, and the sorted class names.
 
-    Files whose suffix is not in :data:`IMAGE_SUFFIXES` and hidden files/folders are ignored;
-    files that cannot be decoded are listed in ``skipped`` and the run goes on. ``ids`` are the
-    paths relative to ``root`` (posix).
+    Files whose suffix is not in :data:`IMAGE_SUFFIXES` and hidden files/folders are ignored.
     """
     root = Path(root)
     if not root.is_dir():
@@ -459,6 +459,18 @@ def load_image_folder(root: Path, spec: InputSpec, progress: bool = False) -> Im
     if not items:
         raise DataError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in class folders")
 
+    return items, classes
+
+
+def load_image_folder(root: Path, spec: InputSpec, progress: bool = False) -> ImageSet:
+    """Images under ``root/<class>/`` (sorted class names), decoded and resized to ``spec``.
+
+    Files whose suffix is not in :data:`IMAGE_SUFFIXES` and hidden files/folders are ignored;
+    files that cannot be decoded are listed in ``skipped`` and the run goes on. ``ids`` are the
+    paths relative to ``root`` (posix).
+    """
+    root = Path(root)
+    items, classes = list_image_folder(root)
     iterator = items
     if progress:
         from tqdm import tqdm
@@ -469,7 +481,7 @@ def load_image_folder(root: Path, spec: InputSpec, progress: bool = False) -> Im
     for path, label in iterator:
         rel = path.relative_to(root).as_posix()
         try:
-            images[len(ids)] = _decode(path, spec)
+            images[len(ids)] = decode_image(path, spec)
         except Exception as e:  # any decoder failure means "skip this file"
             skipped.append((rel, f"{type(e).__name__}: {e}"))
             continue

@@ -71,7 +71,7 @@ def _fashion_mnist_preset(epochs_g: int, epochs_q: int, head_epochs: int, **limi
                       TrainSettings(epochs=epochs_g, seed=11), subset=0.8),
             ModelSpec("widecnn", "widecnn", 256, {"width": 32},
                       TrainSettings(epochs=epochs_g, seed=12), subset=0.8),
-            ModelSpec("vit", "vit", 192, {"patch": 4, "dim": 64, "depth": 4},
+            ModelSpec("vit", "vit", 192, {"patch": 4, "dim": 64, "depth": 5},
                       TrainSettings(epochs=epochs_g, seed=13), subset=0.8),
         ],
         query_model=ModelSpec("query", "mobilenet", 64, {"width": 16},

@@ -34,7 +34,8 @@ from .checkpoint import (
 from .fusion import fuse
 
 __all__ = ["MODES", "DEFAULT_MODE", "Head", "HeadSet", "HeadSettings", "train_heads",
-           "train_query_head", "save_heads", "load_heads", "check_compatible"]
+           "train_query_head", "save_heads", "load_heads", "check_compatible", "check_query_model",
+           "check_gallery_models"]
 
 MODES = ("unified", "to-query")
 DEFAULT_MODE = "unified"
@@ -280,6 +281,12 @@ def load_heads(path: Path) -> tuple[HeadSet, dict]:
 def check_compatible(heads_config: dict, query_config: dict,
                      gallery_configs: dict[str, dict]) -> None:
     """Raise a clear error when heads do not belong to these query and gallery models."""
+    check_query_model(heads_config, query_config)
+    check_gallery_models(heads_config, gallery_configs)
+
+
+def check_query_model(heads_config: dict, query_config: dict) -> None:
+    """Raise a clear error when heads do not belong to this query model."""
     ident = heads_config["identity"]
     if query_config["embedding_dim"] != ident["query_dim"]:
         raise CheckpointError(
@@ -291,6 +298,11 @@ def check_compatible(heads_config: dict, query_config: dict,
             f"heads belong to query model {heads_config['query_fingerprint']} (space "
             f"{heads_config['space_id']}), not to query model {query_config['fingerprint']}"
         )
+
+
+def check_gallery_models(heads_config: dict, gallery_configs: dict[str, dict]) -> None:
+    """Raise a clear error when heads do not take these gallery models' embeddings."""
+    ident = heads_config["identity"]
     known = {g["name"]: g for g in heads_config["gallery_models"]}
     for name, cfg in gallery_configs.items():
         if name not in known:

@@ -7,22 +7,15 @@ import json
 import pytest
 from PIL import Image
 
-from gallery_builder.evaluate import run_experiment
-from gallery_builder.experiment import PRESETS
 from gallery_builder.heads import load_heads
-from gallery_builder.report import write_report
 
 SETTING_KEYS = {"recall_at_1", "recall_at_1_std", "recall_at_5", "map_at_r"}
 VIEW_KEYS = {"coverage", "score", "score_random", "aurc", "aurc_random"}
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits-run")
-    cfg = PRESETS["digits"]()
-    report = run_experiment(cfg, out)
-    write_report(report, out)
-    return cfg, report, out
+@pytest.fixture
+def run(digits_run):
+    return digits_run
 
 
 def test_report_follows_the_contract(run):

@@ -1,0 +1,99 @@
+"""Phase 1 of a gallery build on Ray Data: the same parts as the local engine, beyond one
+machine.
+
+Ray Data reads the item list, decodes images in tasks, runs each gallery model in its own
+actor pool (``map_batches`` with a callable class), and writes each raw part in one task
+(``groupby("part").map_groups``). ``ray.init()`` joins the cluster in ``RAY_ADDRESS`` when it
+is set, else starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .raw_store import part_path, write_part
+from .sources import GalleryItem, ItemSource
+
+__all__ = ["encode_parts_ray"]
+
+
+class _ModelActor:
+    """One gallery model, loaded once per actor."""
+
+    def __init__(self, model_dir: str, column: str, image_column: str) -> None:
+        import torch
+
+        from .models import load_model
+
+        torch.set_num_threads(1)
+        self.model, _ = load_model(Path(model_dir))
+        self.column, self.image_column = column, image_column
+
+    def __call__(self, batch: dict) -> dict:
+        from .train import embed
+
+        batch[self.column] = embed(self.model, batch[self.image_column]).numpy()
+        return batch
+
+
+def _decode(batch: dict, source: ItemSource, specs: dict) -> dict:
+    from .gallery import decode_items
+
+    items = [source.items[i] for i in batch["row"]]
+    images, reasons = decode_items(source, items, set(specs.values()))
+    for key, spec in specs.items():
+        batch[key] = images[spec]
+    batch["reason"] = np.array(reasons, dtype=object)
+    return batch
+
+
+def _write(group: dict, source: ItemSource, gallery: str, names: list[str]) -> dict:
+    from .gallery import assemble_part
+
+    order = np.argsort(group["row"])
+    items: list[GalleryItem] = [source.items[group["row"][i]] for i in order]
+    raw = {n: np.stack(group[f"raw_{n}"])[order] for n in names}
+    part = assemble_part(items, raw, [str(group["reason"][i]) for i in order])
+    number = int(group["part"][0])
+    write_part(part_path(Path(gallery), number), part)
+    return {"part": np.array([number]), "items": np.array([len(part)])}
+
+
+def encode_parts_ray(ensemble, source: ItemSource, gallery: Path,
+                     ranges: list[tuple[int, list[GalleryItem]]], batch_size: int,
+                     resume: bool, workers: int | None = None) -> None:
+    """Encode the ranges not yet done into raw parts with Ray Data."""
+    import ray
+
+    todo = [(k, items) for k, items in ranges if not (resume and part_path(gallery, k).is_file())]
+    if not todo:
+        return
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                 log_to_driver=False)
+    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    row_of = {item.position: r for r, item in enumerate(source.items)}
+    records = [{"row": row_of[item.position], "part": k} for k, items in todo for item in items]
+    spec_keys = {f"image_{i}": spec for i, spec in enumerate(set(ensemble.specs.values()))}
+    key_of = {spec: key for key, spec in spec_keys.items()}
+    source_ref = ray.put(source)
+    ds = ray.data.from_items(records).map_batches(
+        _decode, batch_size=batch_size, batch_format="numpy",
+        fn_kwargs={"source": source_ref, "specs": spec_keys})
+    for name, spec in ensemble.specs.items():
+        model_dir = next(str(d) for d in ensemble.model_dirs if d.name == name)
+        ds = ds.map_batches(
+            _ModelActor, batch_size=batch_size, batch_format="numpy", concurrency=workers,
+            num_cpus=1, fn_constructor_kwargs={"model_dir": model_dir,
+                                               "column": f"raw_{name}",
+                                               "image_column": key_of[spec]})
+    ds = ds.groupby("part").map_groups(
+        _write, batch_format="numpy",
+        fn_kwargs={"source": source_ref, "gallery": str(gallery), "names": ensemble.names})
+    written = ds.take_all()
+    if sorted(int(r["part"]) for r in written) != sorted(k for k, _ in todo):
+        raise RuntimeError(f"ray wrote parts {sorted(int(r['part']) for r in written)}, "
+                           f"expected {sorted(k for k, _ in todo)}")
