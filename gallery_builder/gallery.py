@@ -232,7 +232,7 @@ def index_parts(heads: HeadSet, gallery: Path, numbers: list[int], s: BuildSetti
         payload = [part.payload[i] for i in np.flatnonzero(keep)]
         shards.append((write or write_shard)(
             gallery, k, vectors[keep], part.positions[keep], ids, unc[keep], payload,
-            M=s.M, ef_construction=s.ef_construction, seed=s.seed, num_threads=os.cpu_count()))
+            M=s.M, ef_construction=s.ef_construction, seed=s.seed, num_threads=1))
     return _Indexed(shards, rejected, threshold, all_unc)
 
 

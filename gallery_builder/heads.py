@@ -84,6 +84,10 @@ class HeadSet(nn.Module):
             raise ValueError(f"to-query heads map into the query space: dim {dim} != {query_dim}")
         self.mode, self.dim, self.query_dim = mode, dim, query_dim
         self.gallery_dims = dict(gallery_dims)
+        keys = [_key(n) for n in gallery_dims]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"gallery model names {sorted(gallery_dims)} collide once '.' "
+                             "becomes '_'; rename one of them")
         self.num_classes, self.hidden, self.layers = num_classes, hidden, layers
         self.gallery = nn.ModuleDict(
             {_key(n): Head(d, dim, hidden, layers) for n, d in gallery_dims.items()}

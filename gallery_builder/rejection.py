@@ -48,6 +48,6 @@ def aurc(coverage: list[float], score: list[float]) -> float:
 
 def rank_average(*confidences: np.ndarray) -> np.ndarray:
     """Combine confidences by their mean rank (scale-free; ties share the lower rank)."""
-    ranks = [np.argsort(np.argsort(np.asarray(c), kind="stable"), kind="stable")
-             for c in confidences]
+    ranks = [np.searchsorted(np.sort(c), c, side="left")
+             for c in (np.asarray(c, dtype=np.float64) for c in confidences)]
     return np.mean(ranks, axis=0) / max(len(ranks[0]) - 1, 1)

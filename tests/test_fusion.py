@@ -72,16 +72,17 @@ def test_single_model_gives_zero_uncertainty():
     t = torch.tensor([[[3.0, 4.0], [0.0, -2.0], [1.0, 1.0]]])  # N=1, B=3
     vector, unc = fuse(t)
     assert torch.equal(unc, torch.zeros(3))
-    torch.testing.assert_close(vector, torch.tensor([[0.6, 0.8], [0.0, -1.0],
-                                                     [1 / SQRT2, 1 / SQRT2]]))
+    torch.testing.assert_close(
+        vector, torch.tensor([[0.6, 0.8], [0.0, -1.0], [1 / SQRT2, 1 / SQRT2]])
+    )
 
 
 def test_inputs_are_normalised_first():
     gen = torch.Generator().manual_seed(1)
     t = F.normalize(torch.randn(3, 4, 8, generator=gen), dim=-1)
     scaled = t.clone()
-    scaled[0] *= 25.0   # one model's embeddings much longer
-    scaled[2] *= 0.01   # another much shorter
+    scaled[0] *= 25.0  # one model's embeddings much longer
+    scaled[2] *= 0.01  # another much shorter
     v1, u1 = fuse(t)
     v2, u2 = fuse(scaled)
     torch.testing.assert_close(v1, v2, atol=1e-6, rtol=0)

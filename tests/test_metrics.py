@@ -98,20 +98,24 @@ def test_against_pytorch_metric_learning(seed):
     gen = torch.Generator().manual_seed(seed)
     classes, dim = 5, 6
     centres = torch.randn(classes, dim, generator=gen)
-    gallery_labels = torch.cat([torch.arange(classes),
-                                torch.randint(0, classes, (85,), generator=gen)])
+    gallery_labels = torch.cat(
+        [torch.arange(classes), torch.randint(0, classes, (85,), generator=gen)]
+    )
     query_labels = torch.randint(0, classes, (60,), generator=gen)
-    gallery = F.normalize(centres[gallery_labels] + 1.2 * torch.randn(90, dim, generator=gen),
-                          dim=-1)
-    query = F.normalize(centres[query_labels] + 1.2 * torch.randn(60, dim, generator=gen),
-                        dim=-1)
+    gallery = F.normalize(
+        centres[gallery_labels] + 1.2 * torch.randn(90, dim, generator=gen), dim=-1
+    )
+    query = F.normalize(centres[query_labels] + 1.2 * torch.randn(60, dim, generator=gen), dim=-1)
 
     ours = retrieval_metrics(query, query_labels, gallery, gallery_labels)
-    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"),
-                              knn_func=CustomKNN(CosineSimilarity()),
-                              device=torch.device("cpu"))
-    theirs = calc.get_accuracy(query, query_labels, gallery, gallery_labels,
-                               ref_includes_query=False)
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"),
+        knn_func=CustomKNN(CosineSimilarity()),
+        device=torch.device("cpu"),
+    )
+    theirs = calc.get_accuracy(
+        query, query_labels, gallery, gallery_labels, ref_includes_query=False
+    )
     # a non-trivial case: neither perfect nor hopeless
     assert 0.2 < ours["recall_at_1"] < 0.95
     assert ours["recall_at_1"] == pytest.approx(theirs["precision_at_1"], abs=1e-9)

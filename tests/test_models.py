@@ -37,6 +37,15 @@ ENTRY_POINT = f"{external_net.__name__}:tiny_net"
 SMALL_SPEC = InputSpec(8, 8, 1, mean=(0.3,), std=(0.4,))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small convolutions on a busy 2-core machine run much faster on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def uint8_images(n: int, spec: InputSpec, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, *spec.shape), generator=gen, dtype=torch.uint8)
@@ -86,8 +95,9 @@ def test_list_models_pattern():
 def test_query_model_is_ten_times_lighter_than_every_gallery_model():
     cfg, _ = preset_models("default")
     q = cfg.query_model
-    query_flops = mflops(create_model(q.architecture, cfg.spec, q.embedding_dim, **q.kwargs),
-                         cfg.spec)
+    query_flops = mflops(
+        create_model(q.architecture, cfg.spec, q.embedding_dim, **q.kwargs), cfg.spec
+    )
     gallery_flops = [
         mflops(create_model(g.architecture, cfg.spec, g.embedding_dim, **g.kwargs), cfg.spec)
         for g in cfg.gallery_models
@@ -264,8 +274,14 @@ def test_corrupt_weights_file_raises_checkpoint_error(tmp_path, damage):
     save_model(tmp_path / "m", model, identity, "gallery", {})
     file = tmp_path / "m" / WEIGHTS_FILE
     data = file.read_bytes()
-    file.write_bytes({"half": data[: len(data) // 2], "header": data[:6], "empty": b"",
-                      "junk": b"\x00\xff" * 100}[damage])
+    file.write_bytes(
+        {
+            "half": data[: len(data) // 2],
+            "header": data[:6],
+            "empty": b"",
+            "junk": b"\x00\xff" * 100,
+        }[damage]
+    )
     with pytest.raises(CheckpointError, match=WEIGHTS_FILE):
         load_model(tmp_path / "m")
 
@@ -292,8 +308,14 @@ def user_net(tmp_path):
 
 def test_import_external_round_trip(tmp_path, user_net):
     net, weights = user_net
-    config = import_external(tmp_path / "ext", ENTRY_POINT, weights, SMALL_SPEC,
-                             external_net.FEATURES, kwargs={"width": 4})
+    config = import_external(
+        tmp_path / "ext",
+        ENTRY_POINT,
+        weights,
+        SMALL_SPEC,
+        external_net.FEATURES,
+        kwargs={"width": 4},
+    )
     assert config["identity"]["architecture"] == "external"
     assert config["embedding_dim"] == external_net.FEATURES
     model, loaded_config = load_model(tmp_path / "ext")
@@ -308,16 +330,21 @@ def test_import_external_round_trip(tmp_path, user_net):
 def test_import_external_wrong_feature_dim(tmp_path, user_net):
     _, weights = user_net
     with pytest.raises(CheckpointError, match=r"returns shape \(16,\) per image, expected \(8,\)"):
-        import_external(tmp_path / "ext", ENTRY_POINT, weights, SMALL_SPEC, 8,
-                        kwargs={"width": 4})
+        import_external(tmp_path / "ext", ENTRY_POINT, weights, SMALL_SPEC, 8, kwargs={"width": 4})
     assert not (tmp_path / "ext" / CONFIG_FILE).exists()
 
 
 def test_import_external_weights_not_matching_the_factory(tmp_path, user_net):
     _, weights = user_net
     with pytest.raises(CheckpointError, match="shape mismatches"):
-        import_external(tmp_path / "ext", ENTRY_POINT, weights, SMALL_SPEC,
-                        external_net.FEATURES, kwargs={"width": 8})
+        import_external(
+            tmp_path / "ext",
+            ENTRY_POINT,
+            weights,
+            SMALL_SPEC,
+            external_net.FEATURES,
+            kwargs={"width": 8},
+        )
 
 
 def test_import_external_bad_inputs(tmp_path, user_net):
@@ -325,8 +352,9 @@ def test_import_external_bad_inputs(tmp_path, user_net):
     with pytest.raises(CheckpointError, match="entry point must look like"):
         import_external(tmp_path / "e1", "external_net.tiny_net", weights, SMALL_SPEC, 16)
     with pytest.raises(CheckpointError, match="cannot import"):
-        import_external(tmp_path / "e2", f"{external_net.__name__}:nothing_here", weights,
-                        SMALL_SPEC, 16)
+        import_external(
+            tmp_path / "e2", f"{external_net.__name__}:nothing_here", weights, SMALL_SPEC, 16
+        )
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="unreadable safetensors file"):
