@@ -353,11 +353,6 @@ def test_check_compatible_unknown_gallery_model(heads_config):
     assert "'g99'" in message and "['g24', 'g40']" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: gallery names that differ only by '.' "
-    "and '_' share one head (HeadSet._key collision), silently",
-)
 def test_colliding_gallery_names_are_rejected():
     with pytest.raises(ValueError):
         HeadSet("to-query", 4, {"a.b": 3, "a_b": 5}, 4, 2, hidden=8)
