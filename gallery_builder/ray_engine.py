@@ -79,10 +79,9 @@ def encode_parts_ray(ensemble, source: ItemSource, gallery: Path,
     records = [{"row": row_of[item.position], "part": k} for k, items in todo for item in items]
     spec_keys = {f"image_{i}": spec for i, spec in enumerate(set(ensemble.specs.values()))}
     key_of = {spec: key for key, spec in spec_keys.items()}
-    source_ref = ray.put(source)
     ds = ray.data.from_items(records).map_batches(
         _decode, batch_size=batch_size, batch_format="numpy",
-        fn_kwargs={"source": source_ref, "specs": spec_keys})
+        fn_kwargs={"source": source, "specs": spec_keys})
     for name, spec in ensemble.specs.items():
         model_dir = next(str(d) for d in ensemble.model_dirs if d.name == name)
         ds = ds.map_batches(
@@ -90,9 +89,9 @@ def encode_parts_ray(ensemble, source: ItemSource, gallery: Path,
             num_cpus=1, fn_constructor_kwargs={"model_dir": model_dir,
                                                "column": f"raw_{name}",
                                                "image_column": key_of[spec]})
-    ds = ds.groupby("part").map_groups(
+    ds = ds.groupby("part", num_partitions=len(todo)).map_groups(
         _write, batch_format="numpy",
-        fn_kwargs={"source": source_ref, "gallery": str(gallery), "names": ensemble.names})
+        fn_kwargs={"source": source, "gallery": str(gallery), "names": ensemble.names})
     written = ds.take_all()
     if sorted(int(r["part"]) for r in written) != sorted(k for k, _ in todo):
         raise RuntimeError(f"ray wrote parts {sorted(int(r['part']) for r in written)}, "

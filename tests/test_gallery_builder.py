@@ -300,3 +300,29 @@ def test_raw_store_is_fp16_and_complete(built):
     assert sum(len(p) for p in parts) == 1797
     assert all(v.dtype == np.float16 for p in parts for v in p.raw.values())
     assert set(parts[0].raw) == set(GALLERY_MODELS)
+
+
+def test_ray_engine_matches_local(digits_run, tmp_path):
+    """A local 2-CPU Ray: same parts, ids and vectors (within fp32 tolerance) as the local
+    engine."""
+    ray = pytest.importorskip("ray", reason="ray[data] is in the dev extra")
+    _, _, run_dir = digits_run
+    models, heads = models_and_heads(run_dir)
+    s = BuildSettings(shard_size=300)
+    src = tmp_path / "list.txt"
+    digits = load_digits()
+    lines = []
+    for i in range(500):
+        Image.fromarray(digits.images[i, :, :, 0]).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,d{i}")
+    src.write_text("\n".join(lines + ["nope.png,broken"]) + "\n")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        build(models, heads, str(src), tmp_path / "ray", s, engine="ray")
+    finally:
+        ray.shutdown()
+    build(models, heads, str(src), tmp_path / "local", s)
+    a, b = shard_contents(tmp_path / "ray"), shard_contents(tmp_path / "local")
+    assert [r[:2] for r in a] == [r[:2] for r in b] and len(a) == 500
+    assert all(np.allclose(x[2], y[2], atol=1e-5) for x, y in zip(a, b, strict=True))
+    assert read_manifest(tmp_path / "ray").skipped == 1
