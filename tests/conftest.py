@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from gallery_builder.evaluate import run_experiment
 from gallery_builder.experiment import PRESETS
 from gallery_builder.report import write_report
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The suite's models are tiny: on a 2-core machine one thread runs them fastest."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

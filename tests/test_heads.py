@@ -34,15 +34,6 @@ QUERY_FP = "q0123456789abcde"
 GALLERY_FPS = {"g24": "g24fingerprint00", "g40": "g40fingerprint00"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small matmuls on a busy 2-core machine run much faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data():
     gen = torch.Generator().manual_seed(0)

@@ -37,15 +37,6 @@ ENTRY_POINT = f"{external_net.__name__}:tiny_net"
 SMALL_SPEC = InputSpec(8, 8, 1, mean=(0.3,), std=(0.4,))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions on a busy 2-core machine run much faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def uint8_images(n: int, spec: InputSpec, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, *spec.shape), generator=gen, dtype=torch.uint8)
