@@ -73,6 +73,7 @@ __all__ = [
     "sha256_file",
     "safe_join",
     "write_manifest",
+    "write_json_atomic",
     "read_manifest",
     "verify_gallery",
     "load_shard",
@@ -713,17 +714,22 @@ def update_shard_deletions(
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     """Write ``manifest.json`` (sorted keys, indent 2) via temp file + os.replace. Write it last."""
-    folder = Path(folder)
     d = manifest.to_dict()
     Manifest.from_dict(d, where=f"{MANIFEST_FILE} (about to be written)")  # never write junk
-    text = json.dumps(d, sort_keys=True, indent=2, allow_nan=False) + "\n"
-    tmp = _temp_path(folder, MANIFEST_FILE)
+    write_json_atomic(Path(folder) / MANIFEST_FILE, d)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON (sorted keys, indent 2) via temp file + fsync + os.replace."""
+    path = Path(path)
+    text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=False) + "\n"
+    tmp = _temp_path(path.parent, path.name)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        _replace_all([(tmp, folder / MANIFEST_FILE)])
+        _replace_all([(tmp, path)])
     finally:
         _remove_quietly([tmp])
 
