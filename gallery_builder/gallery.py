@@ -19,7 +19,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -207,10 +208,12 @@ class _Indexed:
 
 
 def index_parts(heads: HeadSet, gallery: Path, numbers: list[int], s: BuildSettings,
-                removed: set[str], threshold: float | None = None,
-                write: Callable = None) -> _Indexed:
+                removed: set[str], threshold: float | None = None) -> _Indexed:
     """Phase 2: parts -> shards (one per part). ``threshold=None`` derives it from
-    ``s.reject_quantile`` over these parts; items listed in ``removed`` are left out."""
+    ``s.reject_quantile`` over these parts; items listed in ``removed`` are left out.
+
+    Each shard's graph is built on one thread (so it is reproducible); shards are built side
+    by side, one per core (hnswlib releases the GIL while it inserts)."""
     fused = {}
     for k in numbers:
         part = read_part(part_path(gallery, k))
@@ -221,18 +224,22 @@ def index_parts(heads: HeadSet, gallery: Path, numbers: list[int], s: BuildSetti
         if fused else np.zeros(0)
     if threshold is None and s.reject_quantile > 0 and len(all_unc):
         threshold = float(np.quantile(all_unc, 1.0 - s.reject_quantile))
-    shards, rejected = [], []
-    for k, (part, vectors, unc, live) in tqdm(fused.items(), desc="index", unit="shard"):
+    jobs, rejected = [], []
+    for k, (part, vectors, unc, live) in fused.items():
         keep = live & (unc <= threshold if threshold is not None else True)
         rejected += [{"id": part.ids[i], "uncertainty": float(unc[i])}
                      for i in np.flatnonzero(live & ~keep)]
-        if not keep.any():
-            continue
-        ids = [part.ids[i] for i in np.flatnonzero(keep)]
-        payload = [part.payload[i] for i in np.flatnonzero(keep)]
-        shards.append((write or write_shard)(
-            gallery, k, vectors[keep], part.positions[keep], ids, unc[keep], payload,
-            M=s.M, ef_construction=s.ef_construction, seed=s.seed, num_threads=1))
+        if keep.any():
+            rows = np.flatnonzero(keep)
+            jobs.append((k, vectors[keep], part.positions[keep], [part.ids[i] for i in rows],
+                         unc[keep], [part.payload[i] for i in rows]))
+
+    def write(job: tuple) -> ShardFiles:
+        return write_shard(gallery, *job, M=s.M, ef_construction=s.ef_construction,
+                           seed=s.seed, num_threads=1)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        shards = list(tqdm(pool.map(write, jobs), total=len(jobs), desc="index", unit="shard"))
     return _Indexed(shards, rejected, threshold, all_unc)
 
 
@@ -256,7 +263,7 @@ def tune_ef_search(gallery: Path, shards: list[ShardFiles], dim: int, target: fl
     queries = vectors[pick] + 0.5 * noise / np.sqrt(dim)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     kk = min(k, len(vectors))
-    exact = labels[np.argsort(-(queries @ vectors.T), axis=1)[:, :kk]]
+    exact = labels[np.argpartition(-(queries @ vectors.T), kk - 1, axis=1)[:, :kk]]
     pairs = [(index, int((~meta.deleted).sum())) for index, meta in loaded]
     recall = 0.0
     for ef in EF_CANDIDATES:

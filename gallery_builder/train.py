@@ -45,8 +45,8 @@ def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size:
     model.eval()
     images = torch.as_tensor(images)
     out = []
-    for start in tqdm(range(0, len(images), batch_size), desc=progress, disable=progress is None,
-                      leave=False):
+    quiet = {"disable": True} if progress is None else {}  # else TQDM_DISABLE still applies
+    for start in tqdm(range(0, len(images), batch_size), desc=progress, leave=False, **quiet):
         batch = images[start : start + batch_size]
         out.append(model(batch.flip(2) if flip else batch))
     return torch.cat(out) if out else torch.empty(0, getattr(model, "embedding_dim", 0))

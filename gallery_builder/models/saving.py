@@ -110,17 +110,22 @@ def import_torchscript(
 ) -> dict:
     """Make a checkpoint folder around a TorchScript file (copied into the folder)."""
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(file, out / TORCHSCRIPT_FILE)
-    identity = {"architecture": "torchscript", "feature_dim": feature_dim,
-                "sha256": hashlib.sha256((out / TORCHSCRIPT_FILE).read_bytes()).hexdigest(),
-                "input_spec": input_spec.to_dict()}
-    model = build_from_identity(identity, out)
-    _check_feature_dim(model, feature_dim)
-    return save_model(out, model, identity, role, {"source": str(file)})
-
-
-
+    try:
+        shutil.copyfile(file, out / TORCHSCRIPT_FILE)
+        identity = {"architecture": "torchscript", "feature_dim": feature_dim,
+                    "sha256": hashlib.sha256((out / TORCHSCRIPT_FILE).read_bytes()).hexdigest(),
+                    "input_spec": input_spec.to_dict()}
+        model = build_from_identity(identity, out)
+        _check_feature_dim(model, feature_dim)
+        return save_model(out, model, identity, role, {"source": str(file)})
+    except BaseException:  # leave no half-made checkpoint behind
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            (out / TORCHSCRIPT_FILE).unlink(missing_ok=True)
+        raise
 
 
 def _check_feature_dim(model: EmbeddingNet, feature_dim: int) -> None:
