@@ -75,6 +75,8 @@ __all__ = [
     "write_manifest",
     "write_json_atomic",
     "read_manifest",
+    "read_manifest_bytes",
+    "parse_manifest",
     "verify_gallery",
     "load_shard",
     "read_meta",
@@ -738,16 +740,27 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"non-finite number {name} is not JSON")
 
 
-def read_manifest(folder: Path) -> Manifest:
-    """Read and validate ``folder/manifest.json``; GalleryError on any problem."""
+def read_manifest_bytes(folder: Path) -> bytes:
+    """The exact bytes of ``folder/manifest.json`` (what a signature covers)."""
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         raise GalleryError(f"{MANIFEST_FILE}: missing in {Path(folder)}")
+    return path.read_bytes()
+
+
+def parse_manifest(data: bytes, where: str = MANIFEST_FILE) -> Manifest:
+    """Parse and validate manifest bytes; GalleryError naming ``where`` on any problem."""
     try:
-        d = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+        d = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise GalleryError(f"{MANIFEST_FILE}: not valid JSON ({path}): {exc}") from exc
-    return Manifest.from_dict(d, where=str(path))
+        raise GalleryError(f"{MANIFEST_FILE}: not valid JSON ({where}): {exc}") from exc
+    return Manifest.from_dict(d, where=where)
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Read and validate ``folder/manifest.json``; GalleryError on any problem."""
+    data = read_manifest_bytes(folder)
+    return parse_manifest(data, where=str(Path(folder) / MANIFEST_FILE))
 
 
 # --------------------------------------------------------------------------- index header
