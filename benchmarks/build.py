@@ -1,0 +1,251 @@
+"""Gallery build throughput: ensembles of 1 to 4 models, local engine vs Ray, and reproject.
+
+``python -m benchmarks.build [--smoke]``. Everything goes through the builder's public API
+(``gallery_builder.gallery.build`` / ``reproject``), as ``cmce-build-gallery`` does:
+
+- images: the first N images of ``--images`` written once as PNG files into an image folder,
+  so every point also pays decoding, as a real gallery does;
+- ensembles: the first 1..4 gallery models of ``--run``'s ``models/`` (``--models``). An
+  ensemble of k models needs heads for exactly those k, so each gets quick ``unified`` heads
+  trained here (1 epoch on ``--head-images`` images: they are for timing, not accuracy).
+  Where the run has fewer gallery models than asked for, the missing ones are untrained copies
+  of the first model's architecture (same cost per image; named ``<model>-copyN``);
+- engines: ``local`` (this process) and ``ray`` (a local Ray with one CPU per core, i.e. two
+  workers on a two-core machine); Ray's start-up is timed apart from the builds;
+- ``reproject``: the k-model gallery re-indexed with a second set of heads, against the time of
+  its full build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+from PIL import Image
+
+from gallery_builder.data import ImageSet, load_source
+from gallery_builder.gallery import BuildSettings, build, reproject
+from gallery_builder.heads import HeadSettings, save_heads, train_heads
+from gallery_builder.models import load_model, save_model
+from gallery_builder.models.saving import build_from_identity
+from gallery_builder.train import embed
+from query_sdk.spec import to_model_input
+
+from ._common import machine_info, output_options, pyplot, resolve_outputs, write_outputs
+
+GALLERY_MODELS = ("resnet", "widecnn", "vit")
+
+
+def image_folder(data: ImageSet, n: int, dest: Path) -> Path:
+    """The first ``n`` images as PNGs in ``dest/<label>/<index>.png`` (kept for re-runs)."""
+    done = dest / ".complete"
+    if done.is_file() and int(done.read_text()) == n:
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
+    for i in range(min(n, len(data))):
+        folder = dest / str(int(data.labels[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(data.images[i].squeeze()).save(folder / f"{i:06d}.png")
+    done.write_text(str(n))
+    return dest
+
+
+def model_dirs(run: Path, names: list[str], count: int, work: Path) -> list[Path]:
+    """``count`` gallery model folders: the named ones, then untrained copies of the first."""
+    dirs = [run / "models" / n for n in names[:count]]
+    first, config = load_model(dirs[0])
+    for k in range(len(dirs), count):
+        copy = work / f"{dirs[0].name}-copy{k}"
+        if not copy.is_dir():
+            torch.manual_seed(1000 + k)
+            model = build_from_identity(config["identity"])
+            save_model(copy, model, config["identity"], "gallery",
+                       {"note": "untrained copy, for build throughput only"})
+        dirs.append(copy)
+    return dirs
+
+
+def quick_heads(query_dir: Path, dirs: list[Path], data: ImageSet, n: int, out: Path,
+                seed: int) -> Path:
+    """Unified heads for exactly these gallery models, 1 epoch on ``n`` images (timing only)."""
+    query, qcfg = load_model(query_dir)
+    models = {d.name: load_model(d) for d in dirs}
+    raw = {name: embed(m, to_model_input(data.images[:n], m.input_spec))
+           for name, (m, _) in models.items()}
+    settings = HeadSettings(epochs=1, seed=seed)
+    heads = train_heads("unified", raw, embed(query, to_model_input(data.images[:n],
+                                                                    query.input_spec)),
+                        torch.as_tensor(data.labels[:n]), settings)
+    save_heads(out, heads, qcfg["fingerprint"],
+               {name: c["fingerprint"] for name, (_, c) in models.items()}, settings,
+               {"data": data.name, "images": n, "note": "quick heads for build throughput"})
+    return out
+
+
+def start_ray() -> float:
+    """Start a local Ray (one CPU per core); returns the seconds it took."""
+    import ray
+
+    start = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    return time.perf_counter() - start
+
+
+def timed_build(dirs: list[Path], heads: Path, source: str, out: Path, settings: BuildSettings,
+                engine: str) -> dict:
+    summary = build(dirs, heads, source, out, settings, engine)
+    return {"seconds": summary.seconds, "images_per_second": summary.images_per_second,
+            "items": summary.items, "bytes_per_item": summary.bytes_per_item}
+
+
+def markdown(result: dict) -> str:
+    ray = (f"Ray: a local Ray with {result['ray_cpus']} CPUs (an actor pool of 2 per model), "
+           f"started in {result['ray_start_seconds']:.1f} s, which is not in the figures."
+           if result.get("ray_start_seconds") is not None else "Ray: not measured in this run.")
+    lines = ["## Gallery build throughput", "",
+             f"`gallery_builder.gallery.build` on {result['images']:,} PNG images of "
+             f"`{result['source']}` (decoding included), shard size {result['shard_size']:,}, "
+             f"M=16, efConstruction=200, torch on {result['torch_threads']} threads. Gallery "
+             f"models: {', '.join(result['models'])} (an ensemble of k = the first k); quick "
+             f"unified heads per ensemble (timing only). {ray}", "",
+             "| models | engine | images/s | seconds | reproject s | reproject speed-up |",
+             "|---|---|---|---|---|---|"]
+    for p in result["points"]:
+        rp = p.get("reproject")
+        lines.append(
+            f"| {p['models']} | {p['engine']} | {p['images_per_second']:.0f} | "
+            f"{p['seconds']:.1f} | {rp['seconds']:.2f} | {rp['speedup']:.1f}× |" if rp else
+            f"| {p['models']} | {p['engine']} | {p['images_per_second']:.0f} | "
+            f"{p['seconds']:.1f} | — | — |")
+    full = result.get("full")
+    if full:
+        lines += ["", f"Full point: `{full['source']}` ({full['items']:,} images, built-in "
+                  f"arrays, no decoding), {len(result['models'][:3])} models, local engine: "
+                  f"{full['images_per_second']:.0f} images/s ({full['seconds']:.1f} s); "
+                  f"reproject {full['reproject']['seconds']:.1f} s "
+                  f"({full['reproject']['speedup']:.1f}× faster)."]
+    speedups = [p["reproject"]["speedup"] for p in result["points"] if p.get("reproject")]
+    if full:
+        speedups.append(full["reproject"]["speedup"])
+    best = max(speedups) if speedups else None
+    lines += ["", f"**Goal** reproject ≥ 20× faster than a full build: "
+              f"{'met' if best and best >= 20 else 'not met'} (best {best:.1f}×). Both rebuild "
+              "the HNSW graph on one thread (reproducible bytes); with these small gallery "
+              "models index construction is a large share of a full build, so the ratio "
+              "grows with the gallery models' cost." if best else ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for engine in sorted({p["engine"] for p in result["points"]}):
+        pts = [p for p in result["points"] if p["engine"] == engine]
+        ax.plot([p["models"] for p in pts], [p["images_per_second"] for p in pts], marker="o",
+                label=f"build, {engine}")
+    rp = [p for p in result["points"] if p.get("reproject")]
+    if rp:
+        ax.plot([p["models"] for p in rp],
+                [p["items"] / p["reproject"]["seconds"] for p in rp], marker="s", ls="--",
+                label="reproject (local)")
+    ax.set_yscale("log")
+    ax.set_xlabel("gallery models in the ensemble")
+    ax.set_ylabel("images / s")
+    ax.set_xticks(sorted({p["models"] for p in result["points"]}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@output_options
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              required=True, help="A `cmce demo` / `cmce train` folder with models/.")
+@click.option("--models", "names", default=",".join(GALLERY_MODELS), show_default=True,
+              help="Gallery models in models/, in ensemble order.")
+@click.option("--max-models", default=4, show_default=True, help="Largest ensemble.")
+@click.option("--query", "query_name", default="query", show_default=True,
+              help="Query model in models/ (for the quick heads).")
+@click.option("--images", "source", default="fashion-mnist:train", show_default=True,
+              help="Built-in source the images come from.")
+@click.option("--n-images", default=3000, show_default=True, help="Images per point.")
+@click.option("--head-images", default=2000, show_default=True,
+              help="Images the quick heads train on.")
+@click.option("--engines", default="local,ray", show_default=True,
+              help="Comma-separated: local, ray.")
+@click.option("--full/--no-full", default=False, show_default=True,
+              help="Also build all of --images (built-in arrays) with the run's "
+                   "heads/unified and reproject it with heads/to-query.")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="Scratch folder [default: a temporary one].")
+def main(smoke, out, results_md, run_dir, names, max_models, query_name, source, n_images,
+         head_images, engines, full, work) -> None:
+    """Build throughput of the gallery builder for 1..4 gallery models, local vs Ray.
+
+    \b
+    Examples:
+      python -m benchmarks.build --smoke --run runs/demo
+      python -m benchmarks.build --run runs/demo --n-images 3000 --full
+    """
+    out, results_md = resolve_outputs(smoke, out, results_md)
+    if smoke:
+        n_images, head_images, max_models = 300, 300, 2
+    engine_list = [e.strip() for e in engines.split(",") if e.strip()]
+    torch.set_num_threads(os.cpu_count())
+    machine = machine_info()
+    work = Path(work or tempfile.mkdtemp(prefix="cmce-bench-build-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = load_source(source)
+    folder = image_folder(data, n_images, work / f"images-{n_images}")
+    settings = BuildSettings(shard_size=max(1000, n_images // 3))
+    name_list = [n.strip() for n in names.split(",") if n.strip()]
+    ray_start = start_ray() if "ray" in engine_list else None
+    points = []
+    for count in range(1, max_models + 1):
+        dirs = model_dirs(run_dir, name_list, count, work)
+        heads = quick_heads(run_dir / "models" / query_name, dirs, data, head_images,
+                            work / f"heads-{count}", seed=0)
+        for engine in engine_list:
+            click.echo(f"{count} models, {engine}", err=True)
+            gallery = work / f"gallery-{count}-{engine}"
+            shutil.rmtree(gallery, ignore_errors=True)
+            point = {"models": count, "model_names": [d.name for d in dirs], "engine": engine,
+                     **timed_build(dirs, heads, str(folder), gallery, settings, engine)}
+            if engine == "local":
+                new = quick_heads(run_dir / "models" / query_name, dirs, data, head_images,
+                                  work / f"heads-{count}-b", seed=1)
+                summary = reproject(gallery, new)
+                point["reproject"] = {"seconds": summary.seconds,
+                                      "speedup": point["seconds"] / summary.seconds}
+            points.append(point)
+            shutil.rmtree(gallery, ignore_errors=True)
+    result = {"benchmark": "build", "smoke": smoke, "source": source, "images": n_images,
+              "shard_size": settings.shard_size, "torch_threads": torch.get_num_threads(),
+              "models": [d.name for d in model_dirs(run_dir, name_list, max_models, work)],
+              "ray_start_seconds": ray_start, "ray_cpus": os.cpu_count() if ray_start else None,
+              "points": points, "machine": machine}
+    if full:
+        click.echo(f"full build of {source}", err=True)
+        gallery = work / "gallery-full"
+        shutil.rmtree(gallery, ignore_errors=True)
+        dirs = [run_dir / "models" / n for n in name_list]
+        res = timed_build(dirs, run_dir / "heads" / "unified", source, gallery,
+                          BuildSettings(), "local")
+        summary = reproject(gallery, run_dir / "heads" / "to-query")
+        result["full"] = {"source": source, **res,
+                          "reproject": {"seconds": summary.seconds,
+                                        "speedup": res["seconds"] / summary.seconds}}
+        shutil.rmtree(gallery, ignore_errors=True)
+    paths = write_outputs("build", result, markdown(result), out, results_md, plot(result))
+    click.echo(json.dumps({k: str(v) for k, v in paths.items()}))
+
+
+if __name__ == "__main__":
+    main()
