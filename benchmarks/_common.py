@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,9 +24,8 @@ import click
 import numpy as np
 
 __all__ = ["machine_info", "machine_markdown", "percentiles", "time_calls", "rss_bytes",
-           "blas_threads", "write_outputs", "pyplot", "output_options", "resolve_outputs",
-           "CACHE_DIR",
-           "DEFAULT_OUT", "DEFAULT_RESULTS"]
+           "blas_threads", "png_folder", "write_outputs", "pyplot", "output_options",
+           "resolve_outputs", "CACHE_DIR", "DEFAULT_OUT", "DEFAULT_RESULTS"]
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
@@ -102,6 +102,24 @@ def time_calls(fn: Callable[[int], object], n: int, warmup: int = 3) -> list[flo
         fn(i)
         out.append(time.perf_counter() - start)
     return out
+
+
+def png_folder(data, n: int, dest: Path) -> Path:
+    """The first ``n`` images of an ImageSet as PNGs in ``dest/<label>/<index>.png``, as users
+    bring images (kept for re-runs)."""
+    from PIL import Image
+
+    done = dest / ".complete"
+    if done.is_file() and done.read_text() == f"{data.name} {n}":
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
+    for i in range(min(n, len(data))):
+        folder = dest / str(int(data.labels[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(data.images[i].squeeze(-1) if data.images[i].shape[-1] == 1
+                        else data.images[i]).save(folder / f"{i:06d}.png")
+    done.write_text(f"{data.name} {n}")
+    return dest
 
 
 def rss_bytes() -> int:

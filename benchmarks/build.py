@@ -27,7 +27,6 @@ from pathlib import Path
 
 import click
 import torch
-from PIL import Image
 
 from gallery_builder.data import ImageSet, load_source
 from gallery_builder.gallery import BuildSettings, build, reproject
@@ -37,23 +36,16 @@ from gallery_builder.models.saving import build_from_identity
 from gallery_builder.train import embed
 from query_sdk.spec import to_model_input
 
-from ._common import machine_info, output_options, pyplot, resolve_outputs, write_outputs
+from ._common import (
+    machine_info,
+    output_options,
+    png_folder,
+    pyplot,
+    resolve_outputs,
+    write_outputs,
+)
 
 GALLERY_MODELS = ("resnet", "widecnn", "vit")
-
-
-def image_folder(data: ImageSet, n: int, dest: Path) -> Path:
-    """The first ``n`` images as PNGs in ``dest/<label>/<index>.png`` (kept for re-runs)."""
-    done = dest / ".complete"
-    if done.is_file() and int(done.read_text()) == n:
-        return dest
-    shutil.rmtree(dest, ignore_errors=True)
-    for i in range(min(n, len(data))):
-        folder = dest / str(int(data.labels[i]))
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(data.images[i].squeeze()).save(folder / f"{i:06d}.png")
-    done.write_text(str(n))
-    return dest
 
 
 def model_dirs(run: Path, names: list[str], count: int, work: Path) -> list[Path]:
@@ -203,7 +195,7 @@ def main(smoke, out, results_md, run_dir, names, max_models, query_name, source,
     work = Path(work or tempfile.mkdtemp(prefix="cmce-bench-build-"))
     work.mkdir(parents=True, exist_ok=True)
     data = load_source(source)
-    folder = image_folder(data, n_images, work / f"images-{n_images}")
+    folder = png_folder(data, n_images, work / f"images-{n_images}")
     settings = BuildSettings(shard_size=max(1000, n_images // 3))
     name_list = [n.strip() for n in names.split(",") if n.strip()]
     ray_start = start_ray() if "ray" in engine_list else None

@@ -1,0 +1,90 @@
+"""Every benchmark's ``--smoke`` run, in-process, on the session's digits run.
+
+Benchmarks, not timed tests: these check that each runs and writes JSON, a PNG and its
+RESULTS.md section with figures that make sense (recalls in [0, 1], positive times, counts
+that match the inputs). No assertion is made on a time.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from gallery_builder.gallery import BuildSettings, build
+
+GALLERY_MODELS = ("resnet", "widecnn", "vit")
+
+
+def run_smoke(command, tmp_path, *args) -> dict:
+    """Run a benchmark's click command with --smoke into tmp_path; return its JSON."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(command, ["--smoke", "--out", str(out), "--results",
+                                          str(tmp_path / "RESULTS.md"), *map(str, args)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    name = command.callback.__module__.rsplit(".", 1)[-1]
+    data = json.loads((out / f"{name}.json").read_text())
+    assert (out / f"{name}.png").stat().st_size > 1000
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert f"<!-- begin {name} -->" in text and f"<!-- end {name} -->" in text
+    assert "Load average" in text and data["machine"]["cores"] >= 1
+    assert data["smoke"] is True
+    return data
+
+
+def positive_times(stats: dict) -> bool:
+    return 0 < stats["p50_ms"] <= stats["p90_ms"] and stats["n"] > 0
+
+
+@pytest.fixture(scope="module")
+def digits_gallery(digits_run, tmp_path_factory):
+    _, _, run_dir = digits_run
+    out = tmp_path_factory.mktemp("bench") / "gallery"
+    build([run_dir / "models" / n for n in GALLERY_MODELS], run_dir / "heads" / "unified",
+          "digits", out, BuildSettings(shard_size=600))
+    return run_dir, out
+
+
+def test_search_smoke(digits_gallery, tmp_path):
+    from benchmarks.search import K, main
+
+    run_dir, gallery = digits_gallery
+    data = run_smoke(main, tmp_path, "--cache", tmp_path / "cache", "--gallery", gallery,
+                     "--query-model", run_dir / "models" / "query",
+                     "--query-heads", run_dir / "heads" / "unified", "--query-images", "digits")
+    synthetic, real = data["points"]
+    assert synthetic["items"] == 2000 and real["items"] == 1797 and real["dim"] == 32
+    for point in data["points"]:
+        names = [e["engine"] for e in point["engines"]]
+        assert names[:2] == ["hnswlib", "faiss"]
+        for engine in point["engines"]:
+            recalls = [p["recall_at_10"] for p in engine["curve"]]
+            assert all(0.0 <= r <= 1.0 for r in recalls)
+            assert recalls[-1] >= 0.9  # ef=128 on 2,000 items is nearly exact
+            assert all(positive_times(p) for p in engine["curve"])
+            assert engine["bytes_per_item"] > point["dim"] * 4  # vectors + links
+            assert 0.0 <= engine["batch"]["recall_at_10"] <= 1.0
+        assert positive_times(point["exact"]["single"])
+        assert point["exact"]["bytes_per_item"] == point["dim"] * 4
+    assert "over shards" in real["engines"][2]["engine"] or "shards" in real["engines"][2]["engine"]
+    # the cached indexes are reused: same file, same build time, no rebuild
+    again = run_smoke(main, tmp_path, "--cache", tmp_path / "cache")
+    assert again["points"][0]["engines"][0]["build_seconds"] == \
+        synthetic["engines"][0]["build_seconds"]
+
+
+def test_build_smoke(digits_run, tmp_path):
+    from benchmarks.build import main
+
+    _, _, run_dir = digits_run
+    data = run_smoke(main, tmp_path, "--run", run_dir, "--images", "digits",
+                     "--engines", "local", "--work", tmp_path / "work")
+    assert [p["models"] for p in data["points"]] == [1, 2]
+    assert data["points"][1]["model_names"] == ["resnet", "widecnn"]
+    for point in data["points"]:
+        assert point["engine"] == "local" and point["items"] == 300
+        assert point["images_per_second"] > 0 and point["seconds"] > 0
+        assert point["reproject"]["seconds"] > 0 and point["reproject"]["speedup"] > 0
+    assert data["ray_start_seconds"] is None
