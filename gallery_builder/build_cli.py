@@ -25,6 +25,10 @@ def _report(summary, as_json: bool) -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+sign_option = click.option(
+    "--sign-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Sign the manifest with this Ed25519 secret key (from `keygen`); searchers given the "
+         "public key refuse the gallery if anything changes.")
 engine_option = click.option(
     "--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
     help="local: this process. ray: Ray Data actor pools (a local Ray, or the cluster in "
@@ -44,7 +48,19 @@ def main() -> None:
       cmce-build-gallery add --gallery gallery/ --images new-images/
       cmce-build-gallery remove --gallery gallery/ --ids fashion-mnist:train/17
       cmce-build-gallery reproject --gallery gallery/ --heads heads-v2/
+      cmce-build-gallery keygen --out signing && cmce-build-gallery build ... --sign-key signing.key
     """
+
+
+def _sign(gallery: Path, key: Path | None) -> None:
+    """Sign the manifest with ``key``; without one, warn if an old signature went stale."""
+    from query_sdk.signing import SIGNATURE_FILE, sign_manifest
+
+    if key is not None:
+        sign_manifest(gallery, key.read_text())
+    elif (Path(gallery) / SIGNATURE_FILE).exists():
+        click.echo(f"warning: {gallery}/{SIGNATURE_FILE} no longer matches the manifest; sign "
+                   "again with `cmce-build-gallery sign --gallery ... --key ...`", err=True)
 
 
 @main.command()
@@ -64,30 +80,36 @@ def main() -> None:
                    "manifest). 0 keeps all and stores every score.")
 @engine_option
 @click.option("--resume", is_flag=True, help="Finish an interrupted build in --out.")
+@sign_option
 @json_option
 @_friendly
 def build(model_dirs, heads_dir, source, out, shard_size, m, ef_construction, batch_size,
-          reject_quantile, engine, resume, as_json) -> None:
+          reject_quantile, engine, resume, sign_key, as_json) -> None:
     """Build a gallery from scratch."""
     from .gallery import BuildSettings
     from .gallery import build as run
 
     settings = BuildSettings(shard_size=shard_size, M=m, ef_construction=ef_construction,
                              batch_size=batch_size, reject_quantile=reject_quantile)
-    _report(run(list(model_dirs), heads_dir, source, out, settings, engine, resume), as_json)
+    summary = run(list(model_dirs), heads_dir, source, out, settings, engine, resume)
+    _sign(out, sign_key)
+    _report(summary, as_json)
 
 
 @main.command()
 @click.option("--gallery", required=True, type=PathType)
 @click.option("--images", "source", required=True, help="Images to add (as for build).")
 @engine_option
+@sign_option
 @json_option
 @_friendly
-def add(gallery, source, engine, as_json) -> None:
+def add(gallery, source, engine, sign_key, as_json) -> None:
     """Add images as new shards, with the models and heads the gallery was built with."""
     from .gallery import add as run
 
-    _report(run(gallery, source, engine), as_json)
+    summary = run(gallery, source, engine)
+    _sign(gallery, sign_key)
+    _report(summary, as_json)
 
 
 @main.command()
@@ -96,8 +118,9 @@ def add(gallery, source, engine, as_json) -> None:
 @click.option("--ids-file", type=click.Path(exists=True, path_type=Path),
               help="File with one id per line.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@sign_option
 @_friendly
-def remove(gallery, ids, ids_file, yes) -> None:
+def remove(gallery, ids, ids_file, yes, sign_key) -> None:
     """Remove items (hnswlib mark_deleted); manifest and checksums are updated."""
     from .gallery import remove as run
 
@@ -106,30 +129,67 @@ def remove(gallery, ids, ids_file, yes) -> None:
         raise click.UsageError("give --ids or --ids-file")
     if not yes:
         click.confirm(f"remove {len(wanted)} items from {gallery}?", abort=True)
-    click.echo(json.dumps(run(gallery, wanted)))
+    result = run(gallery, wanted)
+    _sign(gallery, sign_key)
+    click.echo(json.dumps(result))
 
 
 @main.command()
 @click.option("--gallery", required=True, type=PathType)
 @click.option("--heads", "heads_dir", required=True, type=PathType,
               help="New heads for the same gallery models (e.g. after a query-model update).")
+@sign_option
 @json_option
 @_friendly
-def reproject(gallery, heads_dir, as_json) -> None:
+def reproject(gallery, heads_dir, sign_key, as_json) -> None:
     """Rebuild every shard with new heads from the stored raw embeddings: no gallery model
     runs. Use it after `cmce train update` in to-query mode (new query space)."""
     from .gallery import reproject as run
 
-    _report(run(gallery, heads_dir), as_json)
+    summary = run(gallery, heads_dir)
+    _sign(gallery, sign_key)
+    _report(summary, as_json)
 
 
 @main.command()
 @click.option("--gallery", required=True, type=PathType)
+@click.option("--public-key", help="Also check the manifest's signature against this Ed25519 "
+                                   "public key (hex, or a .pub file).")
 @_friendly
-def verify(gallery) -> None:
+def verify(gallery, public_key) -> None:
     """Check every file against the manifest's sizes and sha256, and the index headers."""
-    from query_sdk.gallery_format import verify_gallery
+    from query_sdk.gallery_format import read_manifest_bytes, verify_gallery
+    from query_sdk.signing import verify_manifest
 
+    if public_key:
+        verify_manifest(gallery, read_manifest_bytes(gallery), public_key)
     manifest = verify_gallery(gallery)
     click.echo(f"ok: {manifest.count:,} items in {len(manifest.shards)} shards, space "
                f"{manifest.space_id}")
+
+
+@main.command()
+@click.option("--out", required=True, type=PathType,
+              help="Writes OUT.key (secret, keep it on the server) and OUT.pub (ship it).")
+@_friendly
+def keygen(out) -> None:
+    """Make an Ed25519 key pair for signing gallery manifests."""
+    from query_sdk.signing import generate_keys
+
+    secret, public = generate_keys(out)
+    click.echo(f"secret key: {secret} (keep private)\npublic key: {public} "
+               f"({public.read_text().strip()})")
+
+
+@main.command()
+@click.option("--gallery", required=True, type=PathType)
+@click.option("--key", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Ed25519 secret key file (from `keygen`).")
+@_friendly
+def sign(gallery, key) -> None:
+    """Sign a gallery's manifest (writes manifest.sig next to it)."""
+    from query_sdk.gallery_format import verify_gallery
+
+    verify_gallery(gallery)  # never vouch for a damaged gallery
+    _sign(gallery, key)
+    click.echo(f"signed {gallery}/manifest.json")
