@@ -220,7 +220,9 @@ class Artifact:
     """One exported model file (or ``.mlpackage`` directory) in the bundle.
 
     ``role`` is "query" (image -> vector in the space) or "head:<gallery model name>" (a
-    gallery model's raw embedding -> vector in the space). Shapes use -1 for a dynamic batch.
+    gallery model's raw embedding -> vector in the space). Shapes use -1 for a dynamic batch;
+    ``max_batch`` is the largest batch the artifact takes (None: no limit), so callers split
+    bigger batches.
     """
 
     target: str
@@ -235,6 +237,7 @@ class Artifact:
     output_name: str
     output_shape: list[int]
     validation: Validation
+    max_batch: int | None = None
 
     _KEYS = (
         "target",
@@ -249,6 +252,7 @@ class Artifact:
         "output_name",
         "output_shape",
         "validation",
+        "max_batch",
     )
 
     @property
@@ -292,6 +296,9 @@ class Artifact:
             validation=Validation.from_dict(
                 _get(d, "validation", where, lambda v: isinstance(v, dict), "an object"),
                 f"{where}: validation",
+            ),
+            max_batch=_get(
+                d, "max_batch", where, lambda v: _is_int(v) and v > 0, "a positive int", True
             ),
         )
 

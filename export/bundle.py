@@ -1,0 +1,237 @@
+"""Assemble a query bundle: export every (target, quantization), validate it, write the manifest.
+
+The bundle is written into a temporary sibling folder and renamed into place when complete, so
+``--out`` appears whole or not at all; an existing ``--out`` is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from query_sdk.bundle_format import (
+    Artifact,
+    BundleManifest,
+    Validation,
+    artifact_file_name,
+    path_digest,
+    write_bundle_manifest,
+)
+
+from .calibration import calibration_and_validation
+from .errors import ExportError
+from .graph import ModelIO, fold_batch_norms, load_export_source, query_io
+from .validate import GalleryCheck, cosine_stats
+
+__all__ = ["OFFERED", "ExportPlan", "ExportResult", "export_bundle", "staged_folder"]
+
+#: quantizations each target offers
+OFFERED = {
+    "onnx": ("fp32", "int8"),
+    "executorch": ("fp32", "int8"),
+    "coreml": ("fp32", "fp16", "int8"),
+}
+
+
+@dataclass
+class ExportPlan:
+    """Everything one ``cmce-export`` run needs."""
+
+    model_dir: Path
+    heads_dir: Path | None
+    jobs: list[tuple[str, str]]  # (target, quantization)
+    validation: str
+    out: Path
+    calibration: str | None = None
+    n_calibration: int = 512
+    n_validation: int = 1000
+    gallery: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class ExportResult:
+    manifest: BundleManifest
+    notes: dict[str, list[str]] = field(default_factory=dict)  # file -> remarks
+    recall_at_1_torch: float | None = None
+
+
+@dataclass
+class _Target:
+    export: Callable  # (module, io, quantization, calibration, path) -> notes
+    run: Callable | None  # (path, inputs) -> outputs; None when it cannot run here
+    runtime: str
+    input_dtype: str = "uint8"
+    max_batch: Callable | None = None  # path -> int
+
+
+def _targets() -> dict[str, _Target]:
+    from . import coreml, executorch, onnx
+
+    return {
+        "onnx": _Target(onnx.export_onnx, onnx.run_onnx, "onnxruntime"),
+        "executorch": _Target(
+            executorch.export_executorch,
+            executorch.run_executorch,
+            "executorch",
+            max_batch=executorch.max_batch,
+        ),
+        "coreml": _Target(
+            coreml.export_coreml,
+            coreml.run_coreml if coreml.can_predict() else None,
+            "coreml" if coreml.can_predict() else "spec-only",
+            input_dtype=coreml.INPUT_DTYPE,
+        ),
+    }
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, force: bool) -> Iterator[Path]:
+    """A temporary folder next to ``out`` that becomes ``out`` when the block succeeds."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not force:
+                raise ExportError(f"{out} appeared while exporting; pass --force to replace it")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "bundle")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_jobs(jobs: list[tuple[str, str]]) -> None:
+    if not jobs:
+        raise ExportError("nothing to export: no (target, quantization) pair was asked for")
+    for target, quant in jobs:
+        if quant not in OFFERED.get(target, ()):
+            raise ExportError(
+                f"{target} does not offer {quant}; it offers {', '.join(OFFERED[target])}"
+            )
+
+
+def export_bundle(plan: ExportPlan, progress: bool = True) -> ExportResult:
+    """Run the plan; returns the written manifest and per-artifact notes."""
+    _check_jobs(plan.jobs)
+    if Path(plan.out).exists() and not plan.force:
+        raise ExportError(f"{plan.out} exists; pass --force to replace it")
+    needs_calibration = any(q == "int8" for _, q in plan.jobs)
+    if needs_calibration and plan.calibration is None:
+        raise ExportError("int8 needs --calibration images (e.g. the training split)")
+    source = load_export_source(plan.model_dir, plan.heads_dir)
+    spec = source.input_spec
+    cal, val = calibration_and_validation(
+        plan.calibration if needs_calibration else None,
+        plan.validation,
+        spec,
+        plan.n_calibration,
+        plan.n_validation,
+    )
+    with torch.no_grad():
+        reference = source.graph(torch.from_numpy(val.images)).numpy()
+    gallery = recall_torch = classes = None
+    if plan.gallery is not None:
+        if (val.labels < 0).any():
+            raise ExportError(f"--gallery needs labelled validation images; {val.name} has none")
+        gallery = GalleryCheck(plan.gallery, source.space_id)
+        classes = [val.classes[int(i)] for i in val.labels]
+        recall_torch = gallery.recall_at_1(reference, classes)
+    module = fold_batch_norms(source.graph)
+    targets = _targets()
+    artifacts, notes = [], {}
+    with staged_folder(plan.out, plan.force) as folder:
+        for target, quant in tqdm(plan.jobs, desc="export", disable=not progress):
+            spec_t = targets[target]
+            io = query_io(spec, source.embedding_dim, spec_t.input_dtype)
+            name = artifact_file_name(target, quant)
+            path = folder / name
+            note = spec_t.export(module, io, quant, None if cal is None else cal.images, path)
+            notes[name] = list(note or [])
+            validation = _validate(
+                spec_t, path, val.images, reference, gallery, classes, recall_torch
+            )
+            artifacts.append(_artifact(folder, name, target, quant, io, validation, spec_t))
+        manifest = BundleManifest(
+            space_id=source.space_id,
+            mode=source.mode,
+            input_spec=spec,
+            embedding_dim=source.embedding_dim,
+            query_fingerprint=source.query_fingerprint,
+            artifacts=artifacts,
+            tool_version=version("cmce"),
+            extra={
+                "calibration": None
+                if cal is None
+                else {"source": plan.calibration, "images": len(cal)},
+                "validation": {"source": plan.validation, "images": len(val)},
+                "recall_at_1_torch": recall_torch,
+            },
+        )
+        write_bundle_manifest(folder, manifest)
+    return ExportResult(manifest, notes, recall_torch)
+
+
+def _validate(
+    spec_t: _Target,
+    path: Path,
+    images: np.ndarray,
+    reference: np.ndarray,
+    gallery: GalleryCheck | None,
+    classes: list[str] | None,
+    recall_torch: float | None,
+) -> Validation:
+    if spec_t.run is None:
+        return Validation(runtime=spec_t.runtime, images=0, cosine_min=None, cosine_mean=None)
+    output = spec_t.run(path, images.astype(spec_t.input_dtype))
+    cmin, cmean = cosine_stats(reference, output)
+    delta = space = None
+    if gallery is not None:
+        delta = gallery.recall_at_1(output.astype(np.float32), classes) - recall_torch
+        space = gallery.space_id
+    return Validation(spec_t.runtime, len(images), cmin, cmean, delta, space)
+
+
+def _artifact(
+    folder: Path,
+    name: str,
+    target: str,
+    quant: str,
+    io: ModelIO,
+    validation: Validation,
+    spec_t: _Target,
+) -> Artifact:
+    size, digest = path_digest(folder / name)
+    return Artifact(
+        target=target,
+        quantization=quant,
+        file=name,
+        bytes=size,
+        sha256=digest,
+        role="query",
+        input_name=io.input_name,
+        input_shape=list(io.input_shape),
+        input_dtype=io.input_dtype,
+        output_name=io.output_name,
+        output_shape=list(io.output_shape),
+        validation=validation,
+        max_batch=None if spec_t.max_batch is None else spec_t.max_batch(folder / name),
+    )

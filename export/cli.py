@@ -1,0 +1,162 @@
+"""``cmce-export``: the query model (T_q fused in unified mode) as Core ML, ExecuTorch and ONNX
+artifacts, quantized and numerically checked, in one query bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from gallery_builder.cli import _friendly
+
+from .bundle import OFFERED, ExportPlan, export_bundle
+
+PathType = click.Path(path_type=Path)
+TARGETS = ("onnx", "executorch", "coreml")
+QUANTS = ("fp32", "fp16", "int8")
+
+
+def _jobs(targets: tuple[str, ...], quants: tuple[str, ...]):
+    """(target, quantization) pairs asked for, and those left out because a target does not
+    offer that precision."""
+    targets = TARGETS if "all" in targets else tuple(dict.fromkeys(targets))
+    quants = (
+        QUANTS
+        if "all" in quants
+        else tuple(dict.fromkeys("fp32" if q == "none" else q for q in quants))
+    )
+    pairs = [(t, q) for t in targets for q in quants]
+    return [p for p in pairs if p[1] in OFFERED[p[0]]], [
+        p for p in pairs if p[1] not in OFFERED[p[0]]
+    ]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--model", "model_dir", required=True, type=PathType, help="Query model checkpoint folder."
+)
+@click.option(
+    "--heads",
+    "heads_dir",
+    type=PathType,
+    help="Heads checkpoint folder. Unified heads: T_q is fused behind the query model "
+    "and the bundle is in the heads' space. Without: the query model's own space.",
+)
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    default=("all",),
+    show_default=True,
+    type=click.Choice([*TARGETS, "all"]),
+    help="Export target (repeatable).",
+)
+@click.option(
+    "--quantize",
+    "quants",
+    multiple=True,
+    default=("fp32",),
+    show_default=True,
+    type=click.Choice(["none", *QUANTS, "all"]),
+    help="Precision (repeatable). none = fp32. fp16 is Core ML only; int8 is static "
+    "int8 (ONNX QDQ, ExecuTorch PT2E/XNNPACK) or int8 weights (Core ML).",
+)
+@click.option(
+    "--calibration",
+    help="Images for int8 calibration: a built-in split "
+    "(fashion-mnist:train), an image folder or a .npy of uint8 "
+    "(N, H, W, C).",
+)
+@click.option(
+    "--calibration-images",
+    default=512,
+    show_default=True,
+    help="How many calibration images to use.",
+)
+@click.option(
+    "--validation",
+    required=True,
+    help="Held-out images to compare every artifact with the fp32 torch model "
+    "(same kinds of source as --calibration).",
+)
+@click.option(
+    "--validation-images",
+    default=1000,
+    show_default=True,
+    help="How many validation images (at least 256).",
+)
+@click.option(
+    "--gallery",
+    type=PathType,
+    help="A gallery in the same space: also measure the Recall@1 change of each "
+    "artifact (needs labelled validation images).",
+)
+@click.option("--out", required=True, type=PathType, help="Bundle folder to create.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@_friendly
+def main(
+    model_dir,
+    heads_dir,
+    targets,
+    quants,
+    calibration,
+    calibration_images,
+    validation,
+    validation_images,
+    gallery,
+    out,
+    force,
+    as_json,
+) -> None:
+    """Export the query side as one bundle: manifest.json (space id, input spec, every
+    artifact's checksum and validation figures) plus a model file per target and precision.
+
+    Every model takes the app's uint8 NHWC images (Core ML: the same pixel values as float32)
+    and returns L2-normalised vectors: preprocessing is inside.
+
+    \b
+    Examples:
+      cmce-export --model runs/demo/models/query --heads runs/demo/heads/unified \\
+          --target all --quantize fp32 --quantize int8 --calibration fashion-mnist:train \\
+          --validation fashion-mnist:test --gallery gallery/ --out bundle/
+      cmce-export --model q --heads h --target coreml --quantize fp16 --quantize int8 \\
+          --calibration fashion-mnist:train --validation fashion-mnist:test --out ios-bundle/
+    """
+    jobs, skipped = _jobs(targets, quants)
+    for target, quant in skipped:
+        click.echo(f"note: {target} does not offer {quant}; left out", err=True)
+    plan = ExportPlan(
+        model_dir=model_dir,
+        heads_dir=heads_dir,
+        jobs=jobs,
+        validation=validation,
+        out=out,
+        calibration=calibration,
+        n_calibration=calibration_images,
+        n_validation=validation_images,
+        gallery=gallery,
+        force=force,
+    )
+    result = export_bundle(plan, progress=not as_json)
+    manifest = result.manifest
+    if as_json:
+        click.echo(json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
+        return
+    click.echo(
+        f"{out}: space {manifest.space_id} ({manifest.mode}), "
+        f"{manifest.embedding_dim}-dim, input {manifest.input_spec.shape} uint8"
+    )
+    if result.recall_at_1_torch is not None:
+        click.echo(f"torch fp32 Recall@1 against {gallery}: {100 * result.recall_at_1_torch:.2f}")
+    for a in manifest.artifacts:
+        v = a.validation
+        figures = (
+            f"cosine min {v.cosine_min:.5f} mean {v.cosine_mean:.6f}"
+            if v.cosine_mean is not None
+            else "validated structurally (no Core ML here)"
+        )
+        if v.recall_at_1_delta is not None:
+            figures += f", Recall@1 {100 * v.recall_at_1_delta:+.2f} pt"
+        click.echo(f"  {a.file:28s} {a.bytes / 1024:8.1f} KiB  {figures}")

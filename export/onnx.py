@@ -1,0 +1,139 @@
+"""ONNX: ``torch.onnx.export`` (the torch.export-based exporter, opset 18, dynamic batch); int8 as
+static QDQ quantization with ``onnxruntime.quantization`` (its pre-processing first, per-channel
+symmetric int8 weights, uint8 activations, calibrated on real images). Optionally the ORT format
+for reduced mobile builds of onnxruntime.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ExportError, UnsupportedOpError
+from .graph import ModelIO, export_program
+
+__all__ = ["OPSET", "export_onnx", "run_onnx", "to_ort_format"]
+
+OPSET = 18
+_BATCH = 256
+
+
+def _export_fp32(module: nn.Module, io: ModelIO, path: Path) -> None:
+    program = export_program(module, io)
+    try:
+        torch.onnx.export(
+            program,
+            None,
+            str(path),
+            input_names=[io.input_name],
+            output_names=[io.output_name],
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as exc:
+        ops = re.findall(r"\b(?:aten|prims)[.:]+[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", str(exc))
+        if ops:
+            raise UnsupportedOpError("onnx", ops, str(exc).splitlines()[0]) from exc
+        raise ExportError(f"onnx: torch.onnx.export failed: {exc}") from exc
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over an image array, in batches."""
+
+    def __init__(self, name: str, images: np.ndarray) -> None:
+        self._batches: Iterator[dict[str, np.ndarray]] = (
+            {name: images[i : i + _BATCH]} for i in range(0, len(images), _BATCH)
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def _quantize(fp32: Path, io: ModelIO, calibration: np.ndarray, path: Path) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(_Reader, CalibrationDataReader):
+        pass
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        prepped = Path(tmp) / "prepped.onnx"
+        quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepped),
+            str(path),
+            Reader(io.input_name, calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+        )
+
+
+def export_onnx(
+    module: nn.Module, io: ModelIO, quantization: str, calibration: np.ndarray | None, path: Path
+) -> None:
+    """Write ``path`` (.onnx) in the given quantization ("fp32" or "int8")."""
+    path = Path(path)
+    if quantization == "fp32":
+        _export_fp32(module, io, path)
+    elif quantization == "int8":
+        if calibration is None:
+            raise ExportError("onnx int8 needs calibration images")
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            fp32 = Path(tmp) / "fp32.onnx"
+            _export_fp32(module, io, fp32)
+            _quantize(fp32, io, calibration, path)
+    else:
+        raise ExportError(f"onnx: quantization {quantization!r} is not offered (fp32, int8)")
+    _session(path)  # every op must have an onnxruntime kernel
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # NOT_IMPLEMENTED: Could not find an implementation for X(n) ...
+        ops = re.findall(r"implementation for (\w+)\(", str(exc))
+        if ops:
+            raise UnsupportedOpError("onnx (onnxruntime CPU)", ops, str(exc)) from exc
+        raise ExportError(f"{path.name}: onnxruntime cannot load it: {exc}") from exc
+
+
+def run_onnx(path: Path, inputs: np.ndarray) -> np.ndarray:
+    """Run the model with onnxruntime (CPU) over ``inputs``."""
+    session = _session(path)
+    name = session.get_inputs()[0].name
+    return np.concatenate(
+        [
+            session.run(None, {name: inputs[i : i + _BATCH]})[0]
+            for i in range(0, len(inputs), _BATCH)
+        ]
+    )
+
+
+def to_ort_format(path: Path, out: Path) -> None:
+    """Convert an .onnx file to the ORT format (for onnxruntime's reduced mobile builds)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(out)
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
