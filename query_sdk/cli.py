@@ -115,3 +115,7 @@ def main(bundle, gallery, images, k, max_uncertainty, backend, quantization, thr
         click.echo(json.dumps(records, indent=2))
     if failed:
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,7 @@ import numpy as np
 
 from .bundle_format import Artifact
 
-__all__ = ["BACKENDS", "BackendError", "Runtime", "open_runtime"]
+__all__ = ["BACKENDS", "BackendError", "Runtime", "check_backend", "open_runtime"]
 
 BACKENDS = {"onnxruntime": "onnx", "executorch": "executorch", "coreml": "coreml"}
 
@@ -33,32 +33,30 @@ class Runtime(ABC):
     def __init__(self, path: Path, artifact: Artifact, threads: int) -> None:
         self.path, self.artifact, self.threads = Path(path), artifact, threads
         fixed = artifact.input_shape[0]
-        self.batch = None if fixed == -1 else fixed  # None: any batch size
+        self.batch = None if fixed == -1 else fixed  # a fixed batch size (padded), or None
+        self.max_batch: int | None = None  # an upper bound on a dynamic batch, or None
 
     def __repr__(self) -> str:
         a = self.artifact
         return f"{type(self).__name__}({a.file!r}, {a.quantization}, threads={self.threads})"
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W, C) uint8 -> (N, dim) float32, in chunks when the model's batch is fixed."""
+        """(N, H, W, C) uint8 -> (N, dim) float32, in chunks the model takes."""
         a = self.artifact
         if images.dtype != np.uint8 or list(images.shape[1:]) != a.input_shape[1:]:
             raise ValueError(f"{a.file}: expects uint8 images of shape [N, "
                              f"{', '.join(map(str, a.input_shape[1:]))}], got {images.dtype} "
                              f"{list(images.shape)}")
         x = images.astype(a.input_dtype)
-        if self.batch is None:
-            out = self._run(x)
-        else:
-            parts = []
-            for start in range(0, len(x), self.batch):
-                chunk = x[start : start + self.batch]
-                pad = self.batch - len(chunk)
-                if pad:
-                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-                parts.append(self._run(chunk)[: self.batch - pad])
-            out = np.concatenate(parts)
-        out = np.asarray(out, dtype=np.float32)
+        step = self.batch or self.max_batch or max(len(x), 1)
+        parts = []
+        for start in range(0, len(x), step):
+            chunk = x[start : start + step]
+            pad = (self.batch or len(chunk)) - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            parts.append(np.array(self._run(chunk)[: len(chunk) - pad], dtype=np.float32))
+        out = np.concatenate(parts) if parts else np.zeros((0, a.output_shape[-1]), np.float32)
         if out.shape != (len(images), a.output_shape[-1]) or not np.isfinite(out).all():
             raise BackendError(f"{a.file}: the model returned {out.shape} (finite: "
                                f"{bool(np.isfinite(out).all())}); expected "
@@ -123,8 +121,11 @@ class ExecuTorchRuntime(Runtime):
         try:
             program = ETRuntime.get().load_program(Path(path))
             self._method = program.load_method("forward")
+            bound = int(self._method.metadata.input_tensor_meta(0).sizes()[0])
         except Exception as exc:  # the bindings raise RuntimeError and others
             raise BackendError(f"{artifact.file}: ExecuTorch could not load it: {exc}") from exc
+        if self.batch is None:
+            self.max_batch = bound  # the memory-planned upper bound of the dynamic batch
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         out = self._method.execute([self._torch.from_numpy(np.ascontiguousarray(batch))])
@@ -138,10 +139,7 @@ class CoreMLRuntime(Runtime):
 
     def __init__(self, path: Path, artifact: Artifact, threads: int) -> None:
         super().__init__(path, artifact, threads)
-        if sys.platform != "darwin":
-            raise BackendError(f"the coreml backend runs only on macOS (Core ML is an Apple "
-                               f"framework); this is {sys.platform}: use backend='onnxruntime' "
-                               "or 'executorch'")
+        check_backend(self.backend)
         try:
             import coremltools as ct
         except ImportError as exc:
@@ -161,10 +159,19 @@ _CLASSES: dict[str, type[Runtime]] = {
     "onnxruntime": OnnxRuntime, "executorch": ExecuTorchRuntime, "coreml": CoreMLRuntime}
 
 
-def open_runtime(backend: str, path: Path, artifact: Artifact, threads: int = 1) -> Runtime:
-    """Load ``path`` (already verified against ``artifact``) with ``backend``."""
+def check_backend(backend: str) -> None:
+    """Refuse an unknown backend, or one that cannot run on this platform, before any loading."""
     if backend not in _CLASSES:
         raise BackendError(f"unknown backend {backend!r}; choose one of {sorted(_CLASSES)}")
+    if backend == "coreml" and sys.platform != "darwin":
+        raise BackendError(f"the coreml backend runs only on macOS (Core ML is an Apple "
+                           f"framework); this is {sys.platform}: use backend='onnxruntime' "
+                           "or 'executorch'")
+
+
+def open_runtime(backend: str, path: Path, artifact: Artifact, threads: int = 1) -> Runtime:
+    """Load ``path`` (already verified against ``artifact``) with ``backend``."""
+    check_backend(backend)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
     if BACKENDS[backend] != artifact.target:

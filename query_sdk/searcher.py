@@ -23,7 +23,7 @@ from .bundle_format import (
     verify_bundle,
 )
 from .images import ImageError, ImageLike, load_image
-from .runtimes import BACKENDS, BackendError, Runtime, open_runtime
+from .runtimes import BACKENDS, BackendError, Runtime, check_backend, open_runtime
 from .shards import Gallery, Hit
 from .spec import InputSpec
 
@@ -66,8 +66,7 @@ class Searcher:
         gallery from another embedding space names both ids), BackendError when the backend
         cannot run here.
         """
-        if backend not in BACKENDS:
-            raise BackendError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
+        check_backend(backend)
         bundle = Path(bundle)
         manifest = read_bundle_manifest(bundle)
         artifact = _pick_artifact(manifest, BACKENDS[backend], quantization)

@@ -4,6 +4,8 @@ model, rejection, signatures, the cmce-query CLI, and the refusals."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -278,3 +280,195 @@ def test_builder_cli_keygen_sign_verify(gallery, tmp_path):
     assert bad.exit_code == 1 and "signature does not match" in bad.output
     again = runner.invoke(build_cli.main, ["keygen", "--out", str(base)])
     assert again.exit_code == 1 and "exists" in again.output
+
+
+# --------------------------------------------------------------------------- with a real bundle
+
+
+def make_bundle(model_dir: Path, heads_dir: Path | None, out: Path, targets=("onnx",)) -> Path:
+    """Export the query graph through the export package into a query bundle folder."""
+    from export.graph import load_export_source, query_io
+    from export.onnx import export_onnx
+    from query_sdk import bundle_format as bf
+
+    out.mkdir(parents=True)
+    src = load_export_source(model_dir, heads_dir)
+    io = query_io(src.input_spec, src.embedding_dim)
+    artifacts = []
+    for target in targets:
+        name = bf.artifact_file_name(target, "fp32")
+        shape = list(io.input_shape)
+        if target == "onnx":
+            export_onnx(src.graph, io, "fp32", None, out / name)
+        else:
+            from export.executorch import export_executorch, max_batch
+
+            export_executorch(src.graph, io, "fp32", None, out / name)
+            assert max_batch(out / name) >= 1
+        size, digest = bf.path_digest(out / name)
+        artifacts.append(bf.Artifact(target, "fp32", name, size, digest, bf.QUERY_ROLE,
+                                     io.input_name, shape, io.input_dtype, io.output_name,
+                                     list(io.output_shape), bf.Validation("torch", 0, None, None)))
+    bf.write_bundle_manifest(out, bf.BundleManifest(
+        src.space_id, src.mode, src.input_spec, src.embedding_dim, src.query_fingerprint,
+        artifacts))
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits_setup(digits_run, tmp_path_factory):
+    """(bundle, gallery, images, reference vectors from the torch graph) on digits."""
+    import torch
+
+    from export.graph import load_export_source
+    from gallery_builder.data import load_digits
+    from gallery_builder.gallery import BuildSettings, build
+
+    _, _, run = digits_run
+    root = tmp_path_factory.mktemp("sdk-digits")
+    models = [run / "models" / n for n in ("resnet", "widecnn", "vit")]
+    build(models, run / "heads" / "unified", "digits", root / "gallery",
+          BuildSettings(shard_size=700))
+    bundle = make_bundle(run / "models" / "query", run / "heads" / "unified", root / "bundle")
+    images = load_digits().images[::9][:150]
+    graph = load_export_source(run / "models" / "query", run / "heads" / "unified").graph
+    with torch.no_grad():
+        reference = graph(torch.from_numpy(images)).numpy()
+    return bundle, root / "gallery", images, reference
+
+
+def test_searcher_matches_the_torch_model(digits_setup):
+    from query_sdk import Searcher
+
+    bundle, gallery_dir, images, reference = digits_setup
+    s = Searcher.open(bundle=bundle, gallery=gallery_dir)
+    assert "query.onnx" in repr(s) and s.gallery.count == 1797 and len(s.gallery.shards) == 3
+    vectors = np.stack([s.embed(im) for im in images])
+    cosines = (vectors * reference).sum(axis=1)
+    assert cosines.min() > 0.9999
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    got = s.search_batch(list(images), k=5)
+    want = s.gallery.search(reference, k=5)
+    same_top1 = np.mean([g[0].id == w[0].id for g, w in zip(got, want, strict=True)])
+    assert same_top1 >= 0.98
+    assert all(len(row) == 5 and row[0].score >= row[-1].score for row in got)
+    assert s.search(images[3], k=5) == got[3]
+
+
+def test_paths_pil_and_arrays_give_the_same_hits(digits_setup, tmp_path):
+    from PIL import Image
+
+    from query_sdk import Searcher
+
+    bundle, gallery_dir, images, _ = digits_setup
+    s = Searcher.open(bundle=bundle, gallery=gallery_dir, threads=2)
+    array = images[7]
+    Image.fromarray(array[..., 0]).save(tmp_path / "seven.png")
+    pil = Image.fromarray(array[..., 0]).convert("RGB")  # RGB is converted to the model's grey
+    by_array = s.search(array, k=4)
+    assert s.search(tmp_path / "seven.png", k=4) == by_array
+    assert s.search(str(tmp_path / "seven.png"), k=4) == by_array
+    assert s.search(pil, k=4) == by_array
+    assert np.array_equal(s.embed(array[..., 0]), s.embed(array))  # (H, W) grey too
+    bigger = np.asarray(Image.fromarray(array[..., 0]).resize((32, 32)))
+    assert s.embed(bigger).shape == (s.bundle.embedding_dim,)  # resized to the input spec
+
+
+def test_undecodable_image_in_a_batch(digits_setup, tmp_path):
+    from query_sdk import Searcher
+    from query_sdk.images import ImageError
+
+    bundle, gallery_dir, images, _ = digits_setup
+    s = Searcher.open(bundle=bundle, gallery=gallery_dir)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    results = s.search_batch([images[0], broken, tmp_path / "absent.png", images[1]], k=3)
+    assert isinstance(results[1], ImageError) and "broken.png" in str(results[1])
+    assert isinstance(results[2], ImageError) and "absent.png" in str(results[2])
+    assert results[0] == s.search(images[0], k=3) and results[3] == s.search(images[1], k=3)
+    with pytest.raises(ImageError, match="broken.png: cannot use this image"):
+        s.search(broken)
+    with pytest.raises(ImageError, match="arrays must be uint8"):
+        s.embed(images[0].astype(np.float32))
+
+
+def test_searcher_refuses_other_space_and_damaged_model(digits_setup, digits_run, tmp_path):
+    import shutil
+
+    from query_sdk import Searcher
+    from query_sdk.bundle_format import BundleError
+    from query_sdk.runtimes import BackendError
+
+    bundle, gallery_dir, _, _ = digits_setup
+    _, _, run = digits_run
+    # the query model's own space (no unified heads): not the gallery's space
+    own = make_bundle(run / "models" / "query", None, tmp_path / "own-space")
+    own_space = json.loads((own / "manifest.json").read_text())["space_id"]
+    gallery_space = gf.read_manifest(gallery_dir).space_id
+    with pytest.raises(GalleryError) as err:
+        Searcher.open(bundle=own, gallery=gallery_dir)
+    assert repr(gallery_space) in str(err.value) and repr(own_space) in str(err.value)
+    # a bit flip in the model is caught by its sha256 before onnxruntime sees it
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle, damaged)
+    model = damaged / "query.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"query.onnx: sha256 [0-9a-f]{64}, manifest says"):
+        Searcher.open(bundle=damaged, gallery=gallery_dir)
+    with pytest.raises(BundleError, match="no onnx/int8 artifact"):
+        Searcher.open(bundle=bundle, gallery=gallery_dir, quantization="int8")
+    with pytest.raises(BackendError, match="unknown backend 'tflite'"):
+        Searcher.open(bundle=bundle, gallery=gallery_dir, backend="tflite")
+    if sys.platform != "darwin":
+        with pytest.raises(BackendError, match="coreml backend runs only on macOS"):
+            Searcher.open(bundle=bundle, gallery=gallery_dir, backend="coreml")
+
+
+def test_import_and_search_leave_torch_unloaded(digits_setup):
+    bundle, gallery_dir, images, _ = digits_setup
+    code = (
+        "import sys, numpy as np, query_sdk\n"
+        "assert 'torch' not in sys.modules, 'import query_sdk loaded torch'\n"
+        f"s = query_sdk.Searcher.open(bundle={str(bundle)!r}, gallery={str(gallery_dir)!r})\n"
+        f"hits = s.search(np.array({images[0].tolist()}, dtype=np.uint8), k=3)\n"
+        "assert len(hits) == 3\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'executorch')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_cmce_query_cli(digits_setup, tmp_path):
+    from PIL import Image
+
+    from query_sdk import Searcher
+
+    bundle, gallery_dir, images, _ = digits_setup
+    Image.fromarray(images[5][..., 0]).save(tmp_path / "five.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    cmd = [sys.executable, "-m", "query_sdk.cli", "--bundle", str(bundle), "--gallery",
+           str(gallery_dir), "--k", "3", "--threads", "2"]
+    out = subprocess.run([*cmd, "--json", str(tmp_path / "five.png"), str(tmp_path / "bad.png")],
+                         capture_output=True, text=True)
+    assert out.returncode == 1, out.stderr  # one image failed; the other is answered
+    records = json.loads(out.stdout)
+    want = Searcher.open(bundle=bundle, gallery=gallery_dir).search(images[5], k=3)
+    assert [h["id"] for h in records[0]["hits"]] == [h.id for h in want]
+    assert records[0]["hits"][0]["score"] == pytest.approx(want[0].score, abs=1e-6)
+    assert "bad.png" in records[1]["error"] and "hits" not in records[1]
+
+    limit = gf.read_manifest(gallery_dir).uncertainty_quantiles["0.5"]
+    out = subprocess.run([*cmd, "--json", "--max-uncertainty", "q0.5", str(tmp_path / "five.png")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert all(h["uncertainty"] <= limit for h in json.loads(out.stdout)[0]["hits"])
+
+    text = subprocess.run([*cmd, str(tmp_path / "five.png")], capture_output=True, text=True)
+    assert text.returncode == 0 and f"1. {want[0].id}  score" in text.stdout
+    missing = subprocess.run([*cmd, "--gallery", str(tmp_path), str(tmp_path / "five.png")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("error: manifest.json: missing in")
