@@ -34,7 +34,7 @@ class Runtime(ABC):
         self.path, self.artifact, self.threads = Path(path), artifact, threads
         fixed = artifact.input_shape[0]
         self.batch = None if fixed == -1 else fixed  # a fixed batch size (padded), or None
-        self.max_batch: int | None = None  # an upper bound on a dynamic batch, or None
+        self.max_batch = artifact.max_batch  # an upper bound on a dynamic batch, or None
 
     def __repr__(self) -> str:
         a = self.artifact
@@ -124,7 +124,7 @@ class ExecuTorchRuntime(Runtime):
             bound = int(self._method.metadata.input_tensor_meta(0).sizes()[0])
         except Exception as exc:  # the bindings raise RuntimeError and others
             raise BackendError(f"{artifact.file}: ExecuTorch could not load it: {exc}") from exc
-        if self.batch is None:
+        if self.batch is None and self.max_batch is None:
             self.max_batch = bound  # the memory-planned upper bound of the dynamic batch
 
     def _run(self, batch: np.ndarray) -> np.ndarray:

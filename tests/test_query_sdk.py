@@ -285,33 +285,13 @@ def test_builder_cli_keygen_sign_verify(gallery, tmp_path):
 # --------------------------------------------------------------------------- with a real bundle
 
 
-def make_bundle(model_dir: Path, heads_dir: Path | None, out: Path, targets=("onnx",)) -> Path:
-    """Export the query graph through the export package into a query bundle folder."""
-    from export.graph import load_export_source, query_io
-    from export.onnx import export_onnx
-    from query_sdk import bundle_format as bf
+def make_bundle(model_dir: Path, heads_dir: Path | None, out: Path,
+                jobs=(("onnx", "fp32"),)) -> Path:
+    """Export the query graph with the export package (cmce-export's API) into a bundle."""
+    from export.bundle import ExportPlan, export_bundle
 
-    out.mkdir(parents=True)
-    src = load_export_source(model_dir, heads_dir)
-    io = query_io(src.input_spec, src.embedding_dim)
-    artifacts = []
-    for target in targets:
-        name = bf.artifact_file_name(target, "fp32")
-        shape = list(io.input_shape)
-        if target == "onnx":
-            export_onnx(src.graph, io, "fp32", None, out / name)
-        else:
-            from export.executorch import export_executorch, max_batch
-
-            export_executorch(src.graph, io, "fp32", None, out / name)
-            assert max_batch(out / name) >= 1
-        size, digest = bf.path_digest(out / name)
-        artifacts.append(bf.Artifact(target, "fp32", name, size, digest, bf.QUERY_ROLE,
-                                     io.input_name, shape, io.input_dtype, io.output_name,
-                                     list(io.output_shape), bf.Validation("torch", 0, None, None)))
-    bf.write_bundle_manifest(out, bf.BundleManifest(
-        src.space_id, src.mode, src.input_spec, src.embedding_dim, src.query_fingerprint,
-        artifacts))
+    export_bundle(ExportPlan(model_dir, heads_dir, list(jobs), "digits", out, n_validation=256),
+                  progress=False)
     return out
 
 
@@ -472,3 +452,21 @@ def test_cmce_query_cli(digits_setup, tmp_path):
                              capture_output=True, text=True)
     assert missing.returncode == 2
     assert missing.stderr.startswith("error: manifest.json: missing in")
+
+
+def test_executorch_backend(digits_setup, digits_run, tmp_path):
+    pytest.importorskip("executorch.runtime", reason="the executorch extra is not installed")
+    from query_sdk import Searcher
+
+    bundle, gallery_dir, images, reference = digits_setup
+    _, _, run = digits_run
+    et = make_bundle(run / "models" / "query", run / "heads" / "unified", tmp_path / "et",
+                     jobs=(("executorch", "fp32"),))
+    s = Searcher.open(bundle=et, gallery=gallery_dir, backend="executorch")
+    assert s.artifact.file == "query.pte" and s.runtime.max_batch >= 1
+    images = images[: 2 * s.runtime.max_batch + 3]  # more than one call's worth
+    got = s.search_batch(list(images), k=3)
+    vectors = np.stack([s.embed(im) for im in images])
+    assert ((vectors * reference[: len(images)]).sum(axis=1)).min() > 0.9999
+    onnx = Searcher.open(bundle=bundle, gallery=gallery_dir).search_batch(list(images), k=3)
+    assert np.mean([a[0].id == b[0].id for a, b in zip(got, onnx, strict=True)]) >= 0.98
