@@ -19,20 +19,24 @@ KNOWN_ERRORS = (BundleError, GalleryError, BackendError, ImageError, ValueError,
                 ImportError)
 
 
-def _friendly(fn):
-    """Known errors become one line and exit code 2 (tracebacks with CMCE_DEBUG=1)."""
+def friendly(errors: tuple[type[BaseException], ...], exit_code: int = 1):
+    """A decorator for CLI commands: ``errors`` become one line ``error: ...`` on stderr and
+    ``exit_code``; tracebacks only with CMCE_DEBUG=1."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KNOWN_ERRORS as e:
-            if os.environ.get("CMCE_DEBUG"):
-                raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except errors as e:
+                if os.environ.get("CMCE_DEBUG"):
+                    raise
+                click.echo(f"error: {e}", err=True)
+                sys.exit(exit_code)
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
 def _uncertainty(_ctx, _param, value: str | None) -> float | str | None:
@@ -67,14 +71,15 @@ def _uncertainty(_ctx, _param, value: str | None) -> float | str | None:
                                    "(hex, or a .pub file from `cmce-build-gallery keygen`).")
 @click.option("--shards", help="Load only these shards (positions, e.g. 0,2,3).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-@_friendly
+@friendly(KNOWN_ERRORS, exit_code=2)
 def main(bundle, gallery, images, k, max_uncertainty, backend, quantization, threads,
          public_key, shards, as_json) -> None:
     """Find the gallery items closest to each IMAGE.
 
     Opening checks the bundle's and the gallery's checksums (and signature, with
-    --public-key) and that both are in the same embedding space. An image that cannot be
-    read is reported (exit code 1); the others are still answered.
+    --public-key) and that both are in the same embedding space; a refusal exits with
+    code 2. An image that cannot be read is reported (exit code 1); the others are still
+    answered.
 
     \b
     Examples:

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 
 from .spec import InputSpec, to_model_input
 
-__all__ = ["ImageError", "ImageLike", "load_image", "describe"]
+__all__ = ["ImageError", "ImageLike", "decode_image", "load_image", "describe"]
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
@@ -33,14 +33,26 @@ def describe(image: Any) -> str:
 
 
 def _from_pil(im: Image.Image, spec: InputSpec) -> np.ndarray:
-    """Grey or RGB pixels of a PIL image, EXIF orientation applied, 16-bit grey scaled."""
+    """A PIL image as (H, W, C) uint8 per the spec: EXIF orientation applied, 16-bit grey
+    scaled (not clipped), palette transparency kept until the grey/RGB conversion."""
     im = ImageOps.exif_transpose(im)
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
-    if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grey: scale, don't clip
+    if im.mode.startswith("I;16") or im.mode == "I":
         wide = np.asarray(im, dtype=np.float64)
         im = Image.fromarray(np.clip(np.rint(wide * 255 / 65535), 0, 255).astype(np.uint8))
-    return np.asarray(im.convert("L" if spec.channels == 1 else "RGB"))
+    pixels = np.asarray(im.convert("L" if spec.channels == 1 else "RGB"))
+    return to_model_input(pixels[None], spec)[0]
+
+
+def decode_image(path: str | os.PathLike[str], spec: InputSpec) -> np.ndarray:
+    """One image file as (H, W, C) uint8 at the spec's size and channels.
+
+    Decoder errors propagate as they are (the gallery builder skips such files);
+    :func:`load_image` wraps them in ImageError.
+    """
+    with Image.open(Path(path)) as im:
+        return _from_pil(im, spec)
 
 
 def load_image(image: ImageLike, spec: InputSpec) -> np.ndarray:
@@ -51,21 +63,18 @@ def load_image(image: ImageLike, spec: InputSpec) -> np.ndarray:
     """
     try:
         if isinstance(image, (str, os.PathLike)):
-            with Image.open(Path(image)) as im:
-                pixels = _from_pil(im, spec)
-        elif isinstance(image, Image.Image):
-            pixels = _from_pil(image, spec)
-        elif isinstance(image, np.ndarray):
-            if image.dtype != np.uint8:
-                raise ImageError(f"{describe(image)}: arrays must be uint8 pixels (0..255)")
-            if image.ndim not in (2, 3):
-                raise ImageError(f"{describe(image)}: expected (H, W) or (H, W, C)")
-            pixels = image
-        else:
+            return decode_image(image, spec)
+        if isinstance(image, Image.Image):
+            return _from_pil(image, spec)
+        if not isinstance(image, np.ndarray):
             raise ImageError(
                 f"{describe(image)}: expected a path, a PIL image or a uint8 numpy array"
             )
-        return to_model_input(pixels[None], spec)[0]
+        if image.dtype != np.uint8:
+            raise ImageError(f"{describe(image)}: arrays must be uint8 pixels (0..255)")
+        if image.ndim not in (2, 3):
+            raise ImageError(f"{describe(image)}: expected (H, W) or (H, W, C)")
+        return to_model_input(image[None], spec)[0]
     except ImageError:
         raise
     except Exception as exc:  # any decoder failure (OSError, DecompressionBombError, ...)
