@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-__all__ = ["machine_info", "machine_markdown", "percentiles", "time_calls", "rss_bytes",
+__all__ = ["machine_info", "machine_markdown", "percentiles", "timed", "rss_bytes",
            "blas_threads", "png_folder", "write_outputs", "pyplot", "output_options",
            "resolve_outputs", "CACHE_DIR", "DEFAULT_OUT", "DEFAULT_RESULTS"]
 
@@ -85,23 +85,29 @@ def machine_markdown(machine: dict) -> str:
             f"robust figures. Libraries: {libs}.")
 
 
-def percentiles(seconds: list[float] | np.ndarray) -> dict[str, float]:
-    """p50 / p90 / mean in milliseconds, and the number of samples."""
+def percentiles(seconds: list[float] | np.ndarray,
+                cpu_seconds: list[float] | np.ndarray | None = None) -> dict[str, float]:
+    """p50 / p90 / mean wall time in milliseconds, the number of samples, and the p50 of the
+    process CPU time (on a busy machine wall time also holds waits for a core; CPU time not)."""
     ms = np.asarray(seconds, np.float64) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "mean_ms": float(ms.mean()), "n": int(len(ms))}
+    out = {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+           "mean_ms": float(ms.mean()), "n": int(len(ms))}
+    if cpu_seconds is not None:
+        out["cpu_p50_ms"] = float(np.percentile(np.asarray(cpu_seconds) * 1e3, 50))
+    return out
 
 
-def time_calls(fn: Callable[[int], object], n: int, warmup: int = 3) -> list[float]:
-    """Seconds taken by ``fn(i)`` for i in range(n), after ``warmup`` untimed calls."""
+def timed(fn: Callable[[int], object], n: int, warmup: int = 3) -> dict[str, float]:
+    """:func:`percentiles` of ``fn(i)`` for i in range(n), after ``warmup`` untimed calls."""
     for i in range(min(warmup, n)):
         fn(i)
-    out = []
+    wall, cpu = [], []
     for i in range(n):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn(i)
-        out.append(time.perf_counter() - start)
-    return out
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return percentiles(wall, cpu)
 
 
 def png_folder(data, n: int, dest: Path) -> Path:

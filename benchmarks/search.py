@@ -36,11 +36,10 @@ from ._common import (
     blas_threads,
     machine_info,
     output_options,
-    percentiles,
     pyplot,
     resolve_outputs,
     rss_bytes,
-    time_calls,
+    timed,
     write_outputs,
 )
 
@@ -203,13 +202,13 @@ def shards_engine(gallery: Path) -> tuple[Engine, np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------ measuring
-def _one_at_a_time(engine: Engine, queries: np.ndarray) -> tuple[np.ndarray, list[float]]:
+def _one_at_a_time(engine: Engine, queries: np.ndarray) -> tuple[np.ndarray, dict]:
     found = np.zeros((len(queries), K), np.int64)
 
     def one(i: int) -> None:
         found[i] = engine.search(queries[i : i + 1], 1)[0]
 
-    return found, time_calls(one, len(queries))
+    return found, timed(one, len(queries))
 
 
 def sweep(engine: Engine, queries: np.ndarray, exact: np.ndarray, efs: tuple[int, ...]) -> dict:
@@ -217,8 +216,8 @@ def sweep(engine: Engine, queries: np.ndarray, exact: np.ndarray, efs: tuple[int
     points = []
     for ef in efs:
         engine.set_ef(ef)
-        found, times = _one_at_a_time(engine, queries)
-        points.append({"ef": ef, "recall_at_10": recall_at_k(found, exact), **percentiles(times)})
+        found, stats = _one_at_a_time(engine, queries)
+        points.append({"ef": ef, "recall_at_10": recall_at_k(found, exact), **stats})
     return {"engine": engine.name, "bytes_per_item": engine.bytes_per_item,
             "resident_bytes_per_item": engine.resident_bytes_per_item,
             "build_seconds": engine.build_seconds, "curve": points}
@@ -245,7 +244,7 @@ def exact_latency(data: np.ndarray, queries: np.ndarray) -> dict:
         return top[np.argsort(-scores[top])]
 
     with blas_threads(1):
-        single = percentiles(time_calls(one, len(queries), warmup=2))
+        single = timed(one, len(queries), warmup=2)
         start = time.perf_counter()
         exact_topk(data, queries, K)
         batch_1 = (time.perf_counter() - start) / len(queries) * 1e3

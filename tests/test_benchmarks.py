@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from gallery_builder.gallery import BuildSettings, build
+from query_sdk.spec import InputSpec
 
 GALLERY_MODELS = ("resnet", "widecnn", "vit")
 
@@ -48,7 +49,7 @@ def digits_gallery(digits_run, tmp_path_factory):
 
 
 def test_search_smoke(digits_gallery, tmp_path):
-    from benchmarks.search import K, main
+    from benchmarks.search import main
 
     run_dir, gallery = digits_gallery
     data = run_smoke(main, tmp_path, "--cache", tmp_path / "cache", "--gallery", gallery,
@@ -68,7 +69,7 @@ def test_search_smoke(digits_gallery, tmp_path):
             assert 0.0 <= engine["batch"]["recall_at_10"] <= 1.0
         assert positive_times(point["exact"]["single"])
         assert point["exact"]["bytes_per_item"] == point["dim"] * 4
-    assert "over shards" in real["engines"][2]["engine"] or "shards" in real["engines"][2]["engine"]
+    assert real["engines"][2]["engine"] == "hnswlib, 3 shards (SDK merge)"
     # the cached indexes are reused: same file, same build time, no rebuild
     again = run_smoke(main, tmp_path, "--cache", tmp_path / "cache")
     assert again["points"][0]["engines"][0]["build_seconds"] == \
@@ -88,3 +89,75 @@ def test_build_smoke(digits_run, tmp_path):
         assert point["images_per_second"] > 0 and point["seconds"] > 0
         assert point["reproject"]["seconds"] > 0 and point["reproject"]["speedup"] > 0
     assert data["ray_start_seconds"] is None
+
+
+def test_mobilenet_v3_small_matches_the_published_architecture():
+    from benchmarks.mobilenet_v3 import IMAGENET_SPEC, PUBLISHED_PARAMS
+    from gallery_builder.models import count_params, create_model, mflops
+
+    model = create_model("mobilenet_v3_small", IMAGENET_SPEC, None)
+    assert count_params(model) == PUBLISHED_PARAMS
+    assert 55 <= mflops(model, IMAGENET_SPEC) / 2 <= 60  # multiply-adds, published ~56-60 M
+    with pytest.raises(ValueError, match="RGB"):
+        create_model("mobilenet_v3_small", InputSpec(224, 224, 1), None)
+
+
+@pytest.fixture(scope="module")
+def digits_bundle(digits_gallery):
+    """An ONNX fp32 + int8 query bundle of the digits query model (the export package)."""
+    from benchmarks.latency import export_query_bundle
+
+    run_dir, gallery = digits_gallery
+    bundle = export_query_bundle(run_dir / "models" / "query", run_dir / "heads" / "unified",
+                                 "digits", gallery.parent / "bundle", smoke=True,
+                                 jobs=[("onnx", "fp32"), ("onnx", "int8")])
+    return run_dir, gallery, bundle
+
+
+def test_latency_smoke(digits_bundle, tmp_path):
+    from benchmarks.latency import main
+
+    run_dir, _, bundle = digits_bundle
+    data = run_smoke(main, tmp_path, "--query-model", run_dir / "models" / "query",
+                     "--query-heads", run_dir / "heads" / "unified", "--calibration", "digits",
+                     "--bundle", bundle, "--no-mobilenet")
+    (model,) = data["models"]
+    assert model["input"] == [1, 8, 8, 1] and model["params"] > 0 and model["mflops"] > 0
+    rows = {(r["runtime"], r["quantization"]): r for r in model["rows"]}
+    assert set(rows) == {("torch eager", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")}
+    assert rows[("torch eager", "fp32")]["speedup_1"] == 1.0
+    for row in rows.values():
+        for t in (1, 2):
+            assert positive_times(row[f"threads_{t}"]) and row[f"speedup_{t}"] > 0
+    assert rows[("onnxruntime", "int8")]["bytes"] < rows[("onnxruntime", "fp32")]["bytes"]
+
+
+def test_end_to_end_smoke(digits_bundle, tmp_path):
+    from benchmarks.end_to_end import STAGES, main
+
+    _, gallery, bundle = digits_bundle
+    data = run_smoke(main, tmp_path, "--bundle", bundle, "--gallery", gallery,
+                     "--images", "digits")
+    assert data["gallery_items"] == 1797 and data["queries"] == 30 and data["threads"] == 1
+    assert [(v["backend"], v["quantization"]) for v in data["variants"]] == \
+        [("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+    for v in data["variants"]:
+        for stage in (*STAGES, "total"):
+            assert positive_times(v["stages"][stage]) and v["stages"][stage]["n"] == 30
+
+
+def test_accuracy_smoke(digits_bundle, tmp_path):
+    from benchmarks.accuracy import main
+
+    run_dir, gallery, bundle = digits_bundle
+    data = run_smoke(main, tmp_path, "--report", run_dir / "report.json", "--bundle", bundle,
+                     "--gallery", gallery, "--gallery-images", "digits", "--images", "digits",
+                     "--query-model", run_dir / "models" / "query",
+                     "--query-heads", run_dir / "heads" / "unified")
+    assert data["queries"] == 200 and data["report_settings"]
+    fp32 = next(v for v in data["variants"] if v["quantization"] == "fp32")
+    # the ONNX fp32 artifact is the torch graph: same vectors, same top-1 hits
+    assert abs(fp32["recall_at_1"] - data["torch_fp32_recall_at_1"]) <= 0.01
+    for v in data["variants"]:
+        assert 0.1 < v["recall_at_1"] <= 1.0  # far above chance (10 classes)
+    assert "| **unified:ensemble** |" in (tmp_path / "RESULTS.md").read_text()

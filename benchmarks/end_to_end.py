@@ -1,0 +1,172 @@
+"""End to end on the phone's path: image file -> hits through ``query_sdk.Searcher``, 1 thread.
+
+``python -m benchmarks.end_to_end --bundle B --gallery G [--smoke]``. For every query artifact
+of the bundle this machine can run (ONNX Runtime, ExecuTorch; fp32 and int8), each query is
+timed per stage with the SDK's public API:
+
+- preprocessing: ``query_sdk.images.load_image`` (PNG decode, grey/RGB, resize to the spec);
+- embedding: ``Searcher.embed`` on the decoded pixels (model + re-normalisation);
+- search: ``Searcher.gallery.search`` (every shard at the manifest's ef_search, exact merge,
+  ids and payloads);
+- search + rejection: the same with ``max_uncertainty`` (items above an uncertainty quantile
+  are left out; more candidates are fetched when needed);
+
+and the whole ``Searcher.search(path, k, max_uncertainty)`` call is timed on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from gallery_builder.data import load_source
+from query_sdk import Searcher
+from query_sdk.bundle_format import QUERY_ROLE, read_bundle_manifest
+from query_sdk.images import load_image
+from query_sdk.runtimes import BACKENDS, BackendError
+
+from ._common import (
+    machine_info,
+    output_options,
+    png_folder,
+    pyplot,
+    resolve_outputs,
+    timed,
+    write_outputs,
+)
+
+STAGES = ("preprocessing", "embedding", "search", "search_with_rejection")
+GOAL_MS = 2.0
+
+
+def variants(bundle: Path) -> list[tuple[str, str]]:
+    """(backend, quantization) of every query artifact a backend here could run."""
+    by_target = {target: backend for backend, target in BACKENDS.items()}
+    manifest = read_bundle_manifest(bundle)
+    return [(by_target[a.target], a.quantization) for a in manifest.artifacts
+            if a.role == QUERY_ROLE and a.target in by_target]
+
+
+def measure(searcher: Searcher, paths: list[Path], k: int, reject: str) -> dict:
+    """Per-stage and total latency over ``paths``, one query at a time."""
+    pixels = [load_image(p, searcher.spec) for p in paths]
+    vectors = [searcher.embed(x) for x in pixels]
+    gallery = searcher.gallery
+    stages = {
+        "preprocessing": timed(lambda i: load_image(paths[i], searcher.spec), len(paths)),
+        "embedding": timed(lambda i: searcher.embed(pixels[i]), len(paths)),
+        "search": timed(lambda i: gallery.search(vectors[i], k), len(paths)),
+        "search_with_rejection": timed(lambda i: gallery.search(vectors[i], k, reject),
+                                       len(paths)),
+    }
+    out = {**stages, "total": timed(lambda i: searcher.search(paths[i], k, reject), len(paths))}
+    out["rejection_p50_ms"] = out["search_with_rejection"]["p50_ms"] - out["search"]["p50_ms"]
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = ["## End to end: image file → hits (query SDK, 1 thread)", "",
+             f"`Searcher.search(path, k={result['k']}, max_uncertainty="
+             f"\"{result['max_uncertainty']}\")` on {result['queries']} PNG query images "
+             f"against `{result['gallery']}` ({result['gallery_items']:,} items, "
+             f"{result['shards']} shards, ef_search {result['ef_search']}); p50 / p90 in ms "
+             "per stage, each timed apart; total = the whole call (its CPU time beside it: on a "
+             "busy machine the wall time also holds waits for a core).", "",
+             "| model | preprocessing | embedding | search | rejection (extra) | total p50 "
+             "| total p90 | total CPU p50 |", "|---|---|---|---|---|---|---|---|"]
+    for v in result["variants"]:
+        if "error" in v:
+            lines.append(f"| {v['backend']} {v['quantization']} | not runnable here: "
+                         f"{v['error']} | | | | | | |")
+            continue
+        s = v["stages"]
+        cells = [f"{s[n]['p50_ms']:.3f} / {s[n]['p90_ms']:.3f}" for n in STAGES[:3]]
+        lines.append(f"| {v['backend']} {v['quantization']} | {' | '.join(cells)} | "
+                     f"{s['rejection_p50_ms']:+.3f} | {s['total']['p50_ms']:.3f} | "
+                     f"{s['total']['p90_ms']:.3f} | {s['total']['cpu_p50_ms']:.3f} |")
+    ok = [v for v in result["variants"] if "stages" in v]
+    if ok:
+        best = min(ok, key=lambda v: v["stages"]["total"]["p50_ms"])
+        p50 = best["stages"]["total"]["p50_ms"]
+        lines += ["", f"**Goal** p50 under {GOAL_MS:g} ms at 1 thread: "
+                  f"{'met' if p50 < GOAL_MS else 'not met'} (best {p50:.3f} ms, "
+                  f"{best['backend']} {best['quantization']})."]
+    return "\n".join(lines)
+
+
+def plot(result: dict):
+    plt = pyplot()
+    ok = [v for v in result["variants"] if "stages" in v]
+    fig, ax = plt.subplots(figsize=(6, 0.6 * len(ok) + 1.5))
+    names = [f"{v['backend']} {v['quantization']}" for v in ok]
+    left = np.zeros(len(ok))
+    for stage in STAGES[:3]:
+        widths = np.array([v["stages"][stage]["p50_ms"] for v in ok])
+        ax.barh(names, widths, left=left, label=stage)
+        left += widths
+    rej = np.array([max(v["stages"]["rejection_p50_ms"], 0.0) for v in ok])
+    ax.barh(names, rej, left=left, label="rejection")
+    ax.axvline(GOAL_MS, color="grey", ls="--", label=f"goal {GOAL_MS:g} ms")
+    ax.set_xlabel("p50 ms per query (1 thread)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@output_options
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              required=True, help="Query bundle (cmce-export output).")
+@click.option("--gallery", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              required=True, help="Gallery in the bundle's space.")
+@click.option("--images", "source", default="fashion-mnist:test", show_default=True,
+              help="Built-in source the query images come from (written as PNG files).")
+@click.option("--queries", "n_queries", default=1000, show_default=True)
+@click.option("--k", default=10, show_default=True)
+@click.option("--max-uncertainty", "reject", default="q0.9", show_default=True,
+              help="Rejection threshold: a number or a manifest quantile such as q0.9.")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="Where the PNG query images go [default: <out>/images].")
+def main(smoke, out, results_md, bundle, gallery, source, n_queries, k, reject, work) -> None:
+    """Per-stage latency of one query through the query SDK at one thread.
+
+    \b
+    Example:
+      python -m benchmarks.end_to_end --bundle bundle/ --gallery gallery/
+    """
+    out, results_md = resolve_outputs(smoke, out, results_md)
+    n_queries = 30 if smoke else n_queries
+    machine = machine_info()
+    data = load_source(source)
+    folder = png_folder(data, n_queries, Path(work or out / "images") / f"{data.name}")
+    paths = sorted(folder.glob("*/*.png"))[:n_queries]
+    rows = []
+    searcher = None
+    for backend, quantization in variants(bundle):
+        click.echo(f"{backend} {quantization}", err=True)
+        row = {"backend": backend, "quantization": quantization}
+        try:
+            searcher = Searcher.open(bundle=bundle, gallery=gallery, backend=backend,
+                                     threads=1, quantization=quantization)
+        except BackendError as exc:
+            rows.append({**row, "error": str(exc).split(";")[0]})
+            continue
+        rows.append({**row, "stages": measure(searcher, paths, k, reject)})
+    if searcher is None:
+        raise click.ClickException(f"{bundle}: no query artifact runs on this machine")
+    manifest = searcher.gallery.manifest
+    result = {"benchmark": "end_to_end", "smoke": smoke, "bundle": str(bundle),
+              "gallery": str(gallery), "gallery_items": searcher.gallery.count,
+              "shards": len(manifest.shards), "ef_search": manifest.hnsw["ef_search"],
+              "queries": len(paths), "query_source": source, "k": k,
+              "max_uncertainty": reject, "threads": 1, "variants": rows, "machine": machine}
+    paths_out = write_outputs("end_to_end", result, markdown(result), out, results_md,
+                              plot(result))
+    click.echo(json.dumps({key: str(v) for key, v in paths_out.items()}))
+
+
+if __name__ == "__main__":
+    main()
