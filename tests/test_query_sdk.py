@@ -470,3 +470,25 @@ def test_executorch_backend(digits_setup, digits_run, tmp_path):
     assert ((vectors * reference[: len(images)]).sum(axis=1)).min() > 0.9999
     onnx = Searcher.open(bundle=bundle, gallery=gallery_dir).search_batch(list(images), k=3)
     assert np.mean([a[0].id == b[0].id for a, b in zip(got, onnx, strict=True)]) >= 0.98
+
+
+def test_builder_signs_changes_and_stale_signatures_are_refused(digits_setup, tmp_path):
+    import shutil
+
+    bundle, gallery_dir, _, _ = digits_setup
+    folder = tmp_path / "gallery"
+    shutil.copytree(gallery_dir, folder)
+    runner = CliRunner()
+    assert runner.invoke(build_cli.main, ["keygen", "--out", str(tmp_path / "k")]).exit_code == 0
+    public = tmp_path / "k.pub"
+    signed = runner.invoke(build_cli.main, ["remove", "--gallery", str(folder), "--ids",
+                                            "digits/3", "--yes", "--sign-key",
+                                            str(tmp_path / "k.key")])
+    assert signed.exit_code == 0, signed.output
+    g = Gallery.open(folder, public_key=public)
+    assert g.count == 1796
+    stale = runner.invoke(build_cli.main, ["remove", "--gallery", str(folder), "--ids",
+                                           "digits/4", "--yes"])
+    assert stale.exit_code == 0 and "manifest.sig no longer matches" in stale.output
+    with pytest.raises(SignatureError, match="does not match"):
+        Gallery.open(folder, public_key=public)
