@@ -97,8 +97,9 @@ def timed_build(dirs: list[Path], heads: Path, source: str, out: Path, settings:
 
 
 def markdown(result: dict) -> str:
-    ray = (f"Ray: a local Ray with {result['ray_cpus']} CPUs (an actor pool of 2 per model), "
-           f"started in {result['ray_start_seconds']:.1f} s, which is not in the figures."
+    ray = (f"Ray: a local Ray with {result['ray_cpus']} CPUs and an actor pool of 2 per model "
+           f"(so k models want 2k CPUs), up to {result['ray_max_models']} model(s); started "
+           f"in {result['ray_start_seconds']:.1f} s, which is not in the figures."
            if result.get("ray_start_seconds") is not None else "Ray: not measured in this run.")
     lines = ["## Gallery build throughput", "",
              f"`gallery_builder.gallery.build` on {result['images']:,} PNG images of "
@@ -172,13 +173,16 @@ def plot(result: dict):
               help="Images the quick heads train on.")
 @click.option("--engines", default="local,ray", show_default=True,
               help="Comma-separated: local, ray.")
+@click.option("--ray-max-models", default=1, show_default=True,
+              help="Largest ensemble built with Ray: the Ray engine runs an actor pool of 2 "
+                   "per model, so k models want 2k CPUs and wait for them on a small machine.")
 @click.option("--full/--no-full", default=False, show_default=True,
               help="Also build all of --images (built-in arrays) with the run's "
                    "heads/unified and reproject it with heads/to-query.")
 @click.option("--work", type=click.Path(path_type=Path), default=None,
               help="Scratch folder [default: a temporary one].")
 def main(smoke, out, results_md, run_dir, names, max_models, query_name, source, n_images,
-         head_images, engines, full, work) -> None:
+         head_images, engines, ray_max_models, full, work) -> None:
     """Build throughput of the gallery builder for 1..4 gallery models, local vs Ray.
 
     \b
@@ -204,7 +208,7 @@ def main(smoke, out, results_md, run_dir, names, max_models, query_name, source,
         dirs = model_dirs(run_dir, name_list, count, work)
         heads = quick_heads(run_dir / "models" / query_name, dirs, data, head_images,
                             work / f"heads-{count}", seed=0)
-        for engine in engine_list:
+        for engine in [e for e in engine_list if e != "ray" or count <= ray_max_models]:
             click.echo(f"{count} models, {engine}", err=True)
             gallery = work / f"gallery-{count}-{engine}"
             shutil.rmtree(gallery, ignore_errors=True)
@@ -222,6 +226,7 @@ def main(smoke, out, results_md, run_dir, names, max_models, query_name, source,
               "shard_size": settings.shard_size, "torch_threads": torch.get_num_threads(),
               "models": [d.name for d in model_dirs(run_dir, name_list, max_models, work)],
               "ray_start_seconds": ray_start, "ray_cpus": os.cpu_count() if ray_start else None,
+              "ray_max_models": ray_max_models,
               "points": points, "machine": machine}
     if full:
         click.echo(f"full build of {source}", err=True)

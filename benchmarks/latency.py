@@ -126,23 +126,27 @@ def measure_model(name: str, module: torch.nn.Module, bundle: Path, image: np.nd
 def markdown(result: dict) -> str:
     lines = ["## Query embedding latency", "",
              "One image per call; p50 / p90 in ms; speed-up = torch eager fp32 p50 / p50 at "
-             "the same thread count (same run). 1 thread stands in for one phone core. "
+             "the same thread count (same run). 1 thread stands in for one phone core; CPU p50 is "
+             "the process CPU time per call (the busy machine adds waits to the wall time). "
              "Artifacts from the export package, run through `query_sdk.runtimes`.", ""]
     for m in result["models"]:
         lines += [f"**{m['model']}**, input {'x'.join(map(str, m['input']))} uint8"
                   + (f" ({m['params']:,} parameters, {m['mflops'] / 2:.1f} M multiply-adds)"
                      if "params" in m else ""), "",
-                  "| runtime | quantization | 1 thread p50 / p90 | speed-up | 2 threads "
-                  "p50 / p90 | speed-up | file bytes |", "|---|---|---|---|---|---|---|"]
+                  "| runtime | quantization | 1 thread p50 / p90 | speed-up | 1 thread CPU p50 "
+                  "| 2 threads p50 / p90 | speed-up | file bytes |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
             if "error" in r:
                 lines.append(f"| {r['runtime']} | {r['quantization']} | not runnable here: "
-                             f"{r['error']} | | | | |")
+                             f"{r['error']} | | | | | |")
                 continue
             cells = []
             for t in THREADS:
                 s = r[f"threads_{t}"]
                 cells += [f"{s['p50_ms']:.3f} / {s['p90_ms']:.3f}", f"{r[f'speedup_{t}']:.2f}×"]
+                if t == 1:
+                    cells.append(f"{s['cpu_p50_ms']:.3f}")
             size = f"{r['bytes']:,}" if r["bytes"] else "—"
             lines.append(f"| {r['runtime']} | {r['quantization']} | {' | '.join(cells)} | "
                          f"{size} |")
