@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,11 @@ from .gallery_format import (
 )
 
 __all__ = ["search_shards", "Gallery", "Hit"]
+
+# hnswlib 0.8 keeps, besides the index file's data, 65536 label-operation mutexes per index,
+# and per element a mutex and an unordered_map entry (label -> internal id).
+_HNSW_FIXED = 65536 * 40
+_HNSW_PER_ITEM = 40 + 56
 
 
 def search_shards(shards: Sequence[tuple[object, int]], queries: np.ndarray, k: int,
@@ -88,8 +94,11 @@ class Gallery:
                              if metas else np.zeros(0, np.float32))
         self._ids = [i for m in metas for i in m.ids]
         self._payload = [p for m in metas for p in m.payload]
-        self._memory = sum(manifest.shards[i].files[name]["bytes"]
-                           for i in shards for name in manifest.shards[i].files)
+        self._memory = (
+            sum(manifest.shards[i].files[manifest.shards[i].index_file]["bytes"] + _HNSW_FIXED
+                + manifest.shards[i].count * _HNSW_PER_ITEM for i in shards)
+            + sum(sys.getsizeof(x) + 8 for x in self._ids + self._payload)
+            + self._uncertainty.nbytes + self._sorted_labels.nbytes + self._order.nbytes)
 
     @classmethod
     def open(
@@ -141,7 +150,8 @@ class Gallery:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes of the loaded shard files (index + sidecar): about what they take in memory."""
+        """Estimated memory the loaded shards take: hnswlib's index data (the index file's
+        size) and its lock tables and label map, plus the ids, payloads and uncertainties."""
         return self._memory
 
     def __repr__(self) -> str:
