@@ -10,6 +10,7 @@ Prediction needs macOS: elsewhere :func:`check_package` validates the saved pack
 from __future__ import annotations
 
 import platform
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +52,9 @@ def export_coreml(
             else ct.precision.FLOAT16,
             skip_model_load=not can_predict(),
         )
-    except Exception as exc:  # "PyTorch convert function for op 'x' not implemented."
-        import re
-
-        ops = re.findall(r"for op '([^']+)' not implemented", str(exc))
+    except Exception as exc:  # "Unsupported fx node x" / "convert function for op 'x' not ..."
+        ops = re.findall(r"for op '([^']+)' not implemented|Unsupported fx node (\w+)", str(exc))
+        ops = [a or b for a, b in ops]
         if ops:
             raise UnsupportedOpError("coreml", ops, str(exc)) from exc
         raise ExportError(f"coreml: conversion failed: {exc}") from exc
@@ -98,15 +98,29 @@ def check_package(path: Path, io: ModelIO, quantization: str) -> list[str]:
     got = [r.upperBound if r.lowerBound == r.upperBound else -1 for r in ranges]
     if got != list(io.input_shape):
         raise ExportError(f"{path.name}: input shape {got}, expected {list(io.input_shape)}")
-    weights = get_weights_metadata(model, weight_threshold=1)
-    dtypes = {name: w.val.dtype for name, w in weights.items() if w.val.ndim >= 2}
+    dense, packed = _layer_weights(get_weights_metadata(model, weight_threshold=1))
     want = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}[quantization]
-    wrong = sorted(n for n, d in dtypes.items() if d != want)
-    if not dtypes or wrong:
+    have = packed if quantization == "int8" else dense
+    wrong = sorted(n for n, d in {**dense, **packed}.items() if d != want)
+    if not have or wrong:
         raise ExportError(
-            f"{path.name}: weights {wrong[:5]} are not {np.dtype(want).name} as asked"
+            f"{path.name}: layer weights {wrong[:5]} are not {np.dtype(want).name} as asked"
         )
-    return [f"{len(dtypes)} weight tensors {np.dtype(want).name}"]
+    return [f"{len(have)} layer weight tensors {np.dtype(want).name}"]
+
+
+def _layer_weights(metadata) -> tuple[dict[str, np.dtype], dict[str, np.dtype]]:
+    """Dtypes of the weights that conv/linear/matmul ops read directly, and of the quantized
+    data that constexpr (de)quantization ops expand into weights."""
+    dense, packed = {}, {}
+    for name, w in metadata.items():
+        for op in w.child_ops:
+            role = {v: k for k, v in op.params_name_mapping.items()}.get(name)
+            if op.op_type in ("conv", "linear", "matmul") and role in ("weight", "y"):
+                dense[name] = w.val.dtype
+            elif op.op_type.startswith("constexpr_") and role in ("quantized_data", "data"):
+                packed[name] = w.val.dtype
+    return dense, packed
 
 
 def run_coreml(path: Path, inputs: np.ndarray) -> np.ndarray:

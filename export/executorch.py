@@ -9,6 +9,7 @@ the same arithmetic; an op for which the runtime has no kernel is an error namin
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,6 @@ def export_executorch(
 
 def _op_names_in(message: str) -> list[str]:
     """``aten.xxx`` op names an ExecuTorch error message mentions."""
-    import re
-
     return re.findall(r"\baten[.:]+[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", message)
 
 

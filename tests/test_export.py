@@ -1,0 +1,349 @@
+"""cmce-export on the digits run: every target x quantization, checked against torch with the
+real runtimes (onnxruntime, executorch.runtime; Core ML structurally off macOS), the bundle
+format (strict manifest, checksums, atomic --force), and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from export.bundle import ExportPlan, export_bundle, staged_folder
+from export.cli import main as export_cli
+from export.coreml import check_package, export_coreml, run_coreml
+from export.errors import ExportError, UnsupportedOpError
+from export.executorch import export_executorch, run_executorch
+from export.graph import ModelIO, load_export_source, query_io
+from export.onnx import export_onnx, run_onnx
+from gallery_builder.data import load_digits
+from gallery_builder.gallery import BuildSettings, build
+from query_sdk.bundle_format import (
+    MANIFEST_FILE,
+    Artifact,
+    BundleError,
+    BundleManifest,
+    Validation,
+    find_artifact,
+    path_digest,
+    read_bundle_manifest,
+    verify_bundle,
+    write_bundle_manifest,
+)
+from query_sdk.spec import InputSpec
+
+ALL_JOBS = [
+    ("onnx", "fp32"),
+    ("onnx", "int8"),
+    ("executorch", "fp32"),
+    ("executorch", "int8"),
+    ("coreml", "fp32"),
+    ("coreml", "fp16"),
+    ("coreml", "int8"),
+]
+
+
+def _dirs(run_dir: Path) -> tuple[Path, Path, list[Path]]:
+    models = run_dir / "models"
+    return (
+        models / "query",
+        run_dir / "heads" / "unified",
+        [models / n for n in ("resnet", "widecnn", "vit")],
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(digits_run, tmp_path_factory):
+    """A bundle with every target x quantization, validated against a digits gallery."""
+    _, _, run_dir = digits_run
+    query, heads, gallery_models = _dirs(run_dir)
+    root = tmp_path_factory.mktemp("export")
+    gallery = root / "gallery"
+    build(gallery_models, heads, "digits", gallery, BuildSettings(shard_size=1000))
+    plan = ExportPlan(
+        model_dir=query,
+        heads_dir=heads,
+        jobs=ALL_JOBS,
+        validation="digits",
+        calibration="digits",
+        n_calibration=256,
+        n_validation=300,
+        gallery=gallery,
+        out=root / "bundle",
+    )
+    result = export_bundle(plan, progress=False)
+    return run_dir, root / "bundle", result, gallery
+
+
+# ---------------------------------------------------------------------------- the bundle
+
+
+def test_manifest_names_the_space_and_the_input(exported):
+    run_dir, bundle, result, gallery = exported
+    query, heads, _ = _dirs(run_dir)
+    manifest = verify_bundle(bundle)  # sizes + sha256 of every artifact
+    assert manifest == result.manifest
+    heads_cfg = json.loads((heads / "config.json").read_text())
+    query_cfg = json.loads((query / "config.json").read_text())
+    gallery_manifest = json.loads((gallery / MANIFEST_FILE).read_text())
+    assert manifest.space_id == heads_cfg["space_id"] == gallery_manifest["space_id"]
+    assert manifest.mode == "unified"
+    assert manifest.query_fingerprint == query_cfg["fingerprint"]
+    assert manifest.input_spec == InputSpec.from_dict(query_cfg["input_spec"])
+    assert manifest.embedding_dim == heads_cfg["identity"]["dim"]
+    assert [(a.target, a.quantization) for a in manifest.artifacts] == ALL_JOBS
+    for a in manifest.artifacts:
+        assert a.input_shape == [-1, 8, 8, 1] and a.output_shape == [-1, manifest.embedding_dim]
+        assert a.input_dtype == ("float32" if a.target == "coreml" else "uint8")
+        assert (a.bytes, a.sha256) == path_digest(bundle / a.file)
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_fp32_and_int8_match_torch(exported):
+    """Figures in the manifest, and a fresh run of each file on other digits."""
+    run_dir, bundle, result, _ = exported
+    query, heads, _ = _dirs(run_dir)
+    manifest = result.manifest
+    source = load_export_source(query, heads)
+    images = load_digits().images[:200]
+    with torch.no_grad():
+        reference = source.graph(torch.from_numpy(images)).numpy()
+    runners = {"onnx": run_onnx, "executorch": run_executorch}
+    for (target, quant), run in [((t, q), runners[t]) for t, q in ALL_JOBS if t in runners]:
+        a = find_artifact(manifest, target, quant)
+        v = a.validation
+        assert v.images == 300 and v.runtime in ("onnxruntime", "executorch")
+        out = run(bundle / a.file, images)
+        cos = (out * reference).sum(1)
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-3)
+        if quant == "fp32":
+            assert v.cosine_mean >= 0.9999 and v.cosine_min >= 0.999, a.file
+            assert cos.min() >= 0.999, a.file
+        else:
+            assert v.cosine_mean >= 0.98 and v.cosine_min > 0.8, (a.file, v)
+            assert cos.mean() >= 0.98, a.file
+        assert v.gallery_space_id == manifest.space_id
+        assert abs(v.recall_at_1_delta) <= (0.01 if quant == "fp32" else 0.05), (a.file, v)
+    assert 0.5 < result.recall_at_1_torch <= 1.0
+
+
+def test_int8_is_smaller(exported):
+    _, bundle, result, _ = exported
+    for target in ("onnx", "executorch", "coreml"):
+        fp32 = find_artifact(result.manifest, target, "fp32").bytes
+        int8 = find_artifact(result.manifest, target, "int8").bytes
+        # the digits model is tiny: fixed overheads keep the ratio above the 0.35 of real models
+        assert int8 < 0.75 * fp32, (target, int8, fp32)
+    assert (
+        find_artifact(result.manifest, "coreml", "int8").bytes
+        < find_artifact(result.manifest, "coreml", "fp16").bytes
+        < find_artifact(result.manifest, "coreml", "fp32").bytes
+    )
+
+
+def test_coreml_packages_check_out(exported):
+    _, bundle, result, _ = exported
+    io = query_io(result.manifest.input_spec, result.manifest.embedding_dim, "float32")
+    for quant in ("fp32", "fp16", "int8"):
+        a = find_artifact(result.manifest, "coreml", quant)
+        assert check_package(bundle / a.file, io, quant)
+        if platform.system() != "Darwin":
+            assert a.validation.runtime == "spec-only" and a.validation.cosine_mean is None
+    # a package is compared with what it claims to be: the fp16 one is not int8
+    with pytest.raises(ExportError, match="not int8"):
+        check_package(bundle / find_artifact(result.manifest, "coreml", "fp16").file, io, "int8")
+
+
+@pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML predictions need macOS")
+def test_coreml_predictions_match_torch(exported):
+    run_dir, bundle, result, _ = exported
+    query, heads, _ = _dirs(run_dir)
+    source = load_export_source(query, heads)
+    images = load_digits().images[:100]
+    with torch.no_grad():
+        reference = source.graph(torch.from_numpy(images)).numpy()
+    for quant, floor in (("fp32", 0.9999), ("fp16", 0.999), ("int8", 0.98)):
+        a = find_artifact(result.manifest, "coreml", quant)
+        out = run_coreml(bundle / a.file, images.astype(np.float32))
+        assert (out * reference).sum(1).mean() >= floor
+
+
+def test_tampered_artifact_is_refused(exported, tmp_path):
+    _, bundle, result, _ = exported
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    verify_bundle(copy)
+    onnx = find_artifact(result.manifest, "onnx", "int8")
+    data = bytearray((copy / onnx.file).read_bytes())
+    data[len(data) // 2] ^= 1
+    (copy / onnx.file).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"{onnx.file}: sha256"):
+        verify_bundle(copy)
+    # only the artifacts asked for are checked
+    verify_bundle(copy, [find_artifact(result.manifest, "onnx", "fp32")])
+    package = find_artifact(result.manifest, "coreml", "fp16").file
+    weights = next(p for p in (copy / package).rglob("*") if p.is_file() and p.stat().st_size > 0)
+    weights.write_bytes(weights.read_bytes() + b"x")
+    with pytest.raises(BundleError, match=package):
+        verify_bundle(copy, [find_artifact(result.manifest, "coreml", "fp16")])
+
+
+# ---------------------------------------------------------------------------- the format
+
+
+def _manifest(files: dict[str, str]) -> BundleManifest:
+    return BundleManifest(
+        space_id="space-1",
+        mode="unified",
+        input_spec=InputSpec(8, 8, 1),
+        embedding_dim=4,
+        query_fingerprint="fp",
+        artifacts=[
+            Artifact(target, "fp32", file, 1, "0" * 64, "query", "images", [-1, 8, 8, 1],
+                     "uint8", "embedding", [-1, 4], Validation("onnxruntime", 256, 0.99, 0.999))
+            for file, target in files.items()
+        ],
+    )
+
+
+def test_bundle_manifest_round_trip_and_strict_reading(tmp_path):
+    m = _manifest({"query.onnx": "onnx"})
+    write_bundle_manifest(tmp_path, m)
+    assert read_bundle_manifest(tmp_path) == m
+    d = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    cases = [
+        (lambda d: d.pop("space_id"), "missing key 'space_id'"),
+        (lambda d: d.update(colour="red"), r"unknown key\(s\) \['colour'\]"),
+        (lambda d: d.update(format_version=2), "unknown format_version 2"),
+        (lambda d: d["artifacts"][0].update(file="../query.onnx"), None),
+        (lambda d: d["artifacts"][0].update(file="query.pte"), "must end in .onnx"),
+        (lambda d: d["artifacts"][0].update(sha256="xyz"), "'sha256' must be a hex sha256"),
+        (lambda d: d["artifacts"][0].update(input_shape=[-1, 9, 9, 1]), "does not match"),
+        (lambda d: d["artifacts"][0]["validation"].update(cosine_min=2.0), "'cosine_min'"),
+        (lambda d: d["input_spec"].update(channels=2), "'input_spec' is invalid"),
+        (lambda d: d.update(created="yesterday"), "not ISO 8601"),
+    ]
+    for change, message in cases:
+        bad = json.loads(json.dumps(d))
+        change(bad)
+        (tmp_path / MANIFEST_FILE).write_text(json.dumps(bad))
+        if message is None:  # readable, but the file may not escape the folder
+            with pytest.raises(BundleError, match="not a plain file name"):
+                verify_bundle(tmp_path)
+            continue
+        with pytest.raises(BundleError, match=message):
+            read_bundle_manifest(tmp_path)
+    with pytest.raises(BundleError, match="missing in"):
+        read_bundle_manifest(tmp_path / "nowhere")
+    with pytest.raises(BundleError, match="no executorch/int8 artifact for 'query'"):
+        find_artifact(m, "executorch", "int8")
+
+
+def test_directory_digest_is_deterministic_and_refuses_symlinks(tmp_path):
+    pkg = tmp_path / "query.fp16.mlpackage"
+    (pkg / "Data" / "w").mkdir(parents=True)
+    (pkg / "Manifest.json").write_text("{}")
+    (pkg / "Data" / "w" / "weight.bin").write_bytes(b"abc")
+    first = path_digest(pkg)
+    assert first[0] == 5 and path_digest(pkg) == first
+    (pkg / "Data" / "w" / "weight.bin").rename(pkg / "Data" / "weight.bin")  # same bytes, moved
+    assert path_digest(pkg)[1] != first[1]
+    os.symlink("/etc/hostname", pkg / "Data" / "link")
+    with pytest.raises(BundleError, match="not a regular file"):
+        path_digest(pkg)
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+def test_cli_refuses_existing_out_without_force(digits_run, tmp_path):
+    _, _, run_dir = digits_run
+    query, heads, _ = _dirs(run_dir)
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["--model", str(query), "--heads", str(heads), "--target", "onnx",
+            "--validation", "digits", "--validation-images", "256", "--out", str(out)]
+    result = CliRunner().invoke(export_cli, args)
+    assert result.exit_code == 1 and "exists; pass --force" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    result = CliRunner().invoke(export_cli, [*args, "--force", "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.output[result.output.index("{") :])
+    assert [a["file"] for a in manifest["artifacts"]] == ["query.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE, "query.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # nothing staged left
+
+
+def test_failed_export_leaves_nothing(tmp_path):
+    out = tmp_path / "bundle"
+    with pytest.raises(RuntimeError, match="boom"), staged_folder(out, force=False) as folder:
+        (folder / "query.onnx").write_bytes(b"half")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_checkpoint_without_input_spec(digits_run, tmp_path):
+    _, _, run_dir = digits_run
+    query, _, _ = _dirs(run_dir)
+    bad = tmp_path / "query"
+    shutil.copytree(query, bad)
+    config = json.loads((bad / "config.json").read_text())
+    del config["input_spec"], config["identity"]["input_spec"]
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="has no input_spec"):
+        load_export_source(bad, None)
+
+
+def test_heads_of_another_query_model_are_refused(digits_run):
+    _, _, run_dir = digits_run
+    _, heads, _ = _dirs(run_dir)
+    with pytest.raises(ExportError, match="do not belong together"):
+        load_export_source(run_dir / "models" / "query-old", heads)
+
+
+def test_calibration_of_wrong_shape_or_too_few_images(digits_run, tmp_path):
+    _, _, run_dir = digits_run
+    query, heads, _ = _dirs(run_dir)
+    plan = dict(model_dir=query, heads_dir=heads, jobs=[("onnx", "int8")], validation="digits",
+                n_calibration=64, n_validation=256, out=tmp_path / "b")
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((100, 9, 9, 1), np.uint8))
+    with pytest.raises(ExportError, match=r"takes uint8 \(N, 8, 8, 1\)"):
+        export_bundle(ExportPlan(**plan, calibration=str(wrong)), progress=False)
+    few = tmp_path / "few.npy"
+    np.save(few, load_digits().images[:10])
+    with pytest.raises(ExportError, match=r"10 images of uint8 \(N, 8, 8, 1\).*at least 64"):
+        export_bundle(ExportPlan(**plan, calibration=str(few)), progress=False)
+    with pytest.raises(ExportError, match="needs --calibration"):
+        export_bundle(ExportPlan(**plan), progress=False)
+    with pytest.raises(ExportError, match="onnx does not offer fp16"):
+        export_bundle(ExportPlan(**{**plan, "jobs": [("onnx", "fp16")]}), progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+class _Bessel(nn.Module):
+    """An op no target takes: torch.special.i0."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.special.i0(images.float() / 255.0).flatten(1)
+
+
+@pytest.mark.parametrize("target", ["onnx", "executorch", "coreml"])
+def test_an_op_a_target_cannot_take_is_named(target, tmp_path):
+    exporter = {"onnx": export_onnx, "executorch": export_executorch, "coreml": export_coreml}
+    dtype = "float32" if target == "coreml" else "uint8"
+    io = ModelIO("images", (-1, 4, 4, 1), dtype, "embedding", (-1, 16))
+    with pytest.raises(UnsupportedOpError, match=rf"^{target} cannot take op\(s\) .*i0") as err:
+        exporter[target](_Bessel(), io, "fp32", None, tmp_path / "m")
+    assert err.value.target == target and err.value.ops
