@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
+import shlex
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +36,7 @@ DEFAULT_RESULTS = HERE / "RESULTS.md"
 CACHE_DIR = Path(os.environ.get("CMCE_BENCH_CACHE", Path.home() / ".cache" / "cmce" / "bench"))
 LIBRARIES = ("numpy", "torch", "hnswlib", "faiss-cpu", "onnxruntime", "executorch", "torchao",
              "ray", "cmce")
+ORDER = ("latency", "search", "end_to_end", "build", "accuracy")  # sections in RESULTS.md
 RESULTS_TITLE = "# Benchmark results\n\nWritten by `python -m benchmarks.NAME`; each section " \
                 "names the machine and the command that produced it.\n"
 
@@ -159,12 +163,19 @@ def pyplot():
 
 
 def _replace_section(text: str, name: str, body: str) -> str:
-    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    block = f"{begin}\n{body.strip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        return head + block + rest.split(end, 1)[1]
-    return text.rstrip() + "\n\n" + block + "\n"
+    """RESULTS.md with ``name``'s section replaced (or added), sections in ORDER."""
+    sections = dict(re.findall(r"<!-- begin (\w+) -->\n(.*?)\n<!-- end \1 -->", text, re.S))
+    sections[name] = body.strip()
+    names = [n for n in ORDER if n in sections] + [n for n in sections if n not in ORDER]
+    blocks = [f"<!-- begin {n} -->\n{sections[n]}\n<!-- end {n} -->" for n in names]
+    return RESULTS_TITLE + "\n" + "\n\n".join(blocks) + "\n"
+
+
+def _command(name: str) -> str:
+    """The command line of this run (``python -m benchmarks.NAME ...``), if run as one."""
+    if Path(sys.argv[0]).stem != name:
+        return f"benchmarks.{name}.main (in-process)"
+    return " ".join([f"python -m benchmarks.{name}", *map(shlex.quote, sys.argv[1:])])
 
 
 def write_outputs(name: str, result: dict, section: str, out: Path, results_md: Path,
@@ -175,7 +186,6 @@ def write_outputs(name: str, result: dict, section: str, out: Path, results_md: 
     out.mkdir(parents=True, exist_ok=True)
     result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     paths = {"json": out / f"{name}.json"}
-    paths["json"].write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     if figure is not None:
         paths["png"] = out / f"{name}.png"
         figure.savefig(paths["png"], dpi=110, bbox_inches="tight")
@@ -186,7 +196,11 @@ def write_outputs(name: str, result: dict, section: str, out: Path, results_md: 
     if figure is not None:
         rel = os.path.relpath(paths["png"], results_md.parent)
         plot = f"\n\n![{name}]({rel})"
-    body = f"{section.strip()}{plot}\n\n{machine_markdown(result['machine'])}"
+    command = _command(name)
+    result["command"] = command
+    body = (f"{section.strip()}{plot}\n\nCommand: `{command}`. "
+            f"{machine_markdown(result['machine'])}")
+    paths["json"].write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     results_md.parent.mkdir(parents=True, exist_ok=True)
     results_md.write_text(_replace_section(text, name, body))
     paths["results"] = results_md
