@@ -80,13 +80,16 @@ def quick_heads(query_dir: Path, dirs: list[Path], data: ImageSet, n: int, out: 
     return out
 
 
-def start_ray() -> float:
-    """Start a local Ray (one CPU per core); returns the seconds it took."""
+def start_ray() -> tuple[float | None, str | None]:
+    """Start a local Ray (one CPU per core): (seconds it took, None) or (None, its error)."""
     import ray
 
     start = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    return time.perf_counter() - start
+    try:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    except Exception as exc:  # Ray raises bare Exception when its node does not come up
+        return None, str(exc).splitlines()[0]
+    return time.perf_counter() - start, None
 
 
 def timed_build(dirs: list[Path], heads: Path, source: str, out: Path, settings: BuildSettings,
@@ -100,7 +103,9 @@ def markdown(result: dict) -> str:
     ray = (f"Ray: a local Ray with {result['ray_cpus']} CPUs and an actor pool of 2 per model "
            f"(so k models want 2k CPUs), up to {result['ray_max_models']} model(s); started "
            f"in {result['ray_start_seconds']:.1f} s, which is not in the figures."
-           if result.get("ray_start_seconds") is not None else "Ray: not measured in this run.")
+           if result.get("ray_start_seconds") is not None else
+           f"Ray did not start on this machine: {result['ray_error']}" if result.get("ray_error")
+           else "Ray: not measured in this run.")
     lines = ["## Gallery build throughput", "",
              f"`gallery_builder.gallery.build` on {result['images']:,} PNG images of "
              f"`{result['source']}` (decoding included), shard size {result['shard_size']:,}, "
@@ -202,7 +207,11 @@ def main(smoke, out, results_md, run_dir, names, max_models, query_name, source,
     folder = png_folder(data, n_images, work / f"images-{n_images}")
     settings = BuildSettings(shard_size=max(1000, n_images // 3))
     name_list = [n.strip() for n in names.split(",") if n.strip()]
-    ray_start = start_ray() if "ray" in engine_list else None
+    ray_start, ray_error = start_ray() if "ray" in engine_list else (None, None)
+    if ray_error:
+        click.echo(f"Ray did not start, building with the local engine only: {ray_error}",
+                   err=True)
+        engine_list.remove("ray")
     points = []
     for count in range(1, max_models + 1):
         dirs = model_dirs(run_dir, name_list, count, work)
@@ -226,7 +235,7 @@ def main(smoke, out, results_md, run_dir, names, max_models, query_name, source,
               "shard_size": settings.shard_size, "torch_threads": torch.get_num_threads(),
               "models": [d.name for d in model_dirs(run_dir, name_list, max_models, work)],
               "ray_start_seconds": ray_start, "ray_cpus": os.cpu_count() if ray_start else None,
-              "ray_max_models": ray_max_models,
+              "ray_max_models": ray_max_models, "ray_error": ray_error,
               "points": points, "machine": machine}
     if full:
         click.echo(f"full build of {source}", err=True)

@@ -28,7 +28,12 @@ from export.graph import load_export_source
 from gallery_builder.data import load_source
 from gallery_builder.models import count_params, create_model, mflops, save_model
 from gallery_builder.models.saving import registered_identity
-from query_sdk.bundle_format import QUERY_ROLE, read_bundle_manifest, verify_bundle
+from query_sdk.bundle_format import (
+    MANIFEST_FILE,
+    QUERY_ROLE,
+    read_bundle_manifest,
+    verify_bundle,
+)
 from query_sdk.runtimes import BACKENDS, BackendError, open_runtime
 from query_sdk.spec import to_model_input
 
@@ -52,9 +57,14 @@ JOBS = [("onnx", "fp32"), ("onnx", "int8"), ("executorch", "fp32"), ("executorch
 def export_query_bundle(model_dir: Path, heads_dir: Path | None, images: str, out: Path,
                         smoke: bool, jobs: list[tuple[str, str]] = JOBS) -> Path:
     """A query bundle with ONNX and ExecuTorch artifacts, fp32 and int8, made by the export
-    package exactly as ``cmce-export`` makes it (calibrated and validated on ``images``)."""
+    package exactly as ``cmce-export`` makes it (calibrated and validated on ``images``); an
+    earlier run's bundle in ``out`` with those artifacts is reused."""
     from export.bundle import ExportPlan, export_bundle
 
+    if (out / MANIFEST_FILE).is_file():
+        manifest = verify_bundle(out)
+        if {(a.target, a.quantization) for a in manifest.artifacts} >= set(jobs):
+            return out  # exported by an earlier run (checksums verified)
     plan = ExportPlan(model_dir=model_dir, heads_dir=heads_dir, jobs=list(jobs), validation=images,
                       out=out, calibration=images, n_calibration=32 if smoke else 512,
                       n_validation=MIN_VALIDATION_IMAGES, force=True)
@@ -162,8 +172,11 @@ def _goal(result: dict) -> str:
     if row is None:
         return "**Goal** ExecuTorch int8 ≥ 2× torch eager fp32 at 1 thread: not measured."
     met = "met" if row["speedup_1"] >= GOAL_SPEEDUP else "not met"
+    eager = mobile["rows"][0]["threads_1"]["cpu_p50_ms"]
+    cpu = eager / row["threads_1"]["cpu_p50_ms"]
     return (f"**Goal** ExecuTorch int8 at 1 thread ≥ {GOAL_SPEEDUP:g}× faster than torch eager "
-            f"fp32 on MobileNetV3-Small: {met} ({row['speedup_1']:.2f}×).")
+            f"fp32 on MobileNetV3-Small: {met} in wall time ({row['speedup_1']:.2f}×); in CPU "
+            f"time per call {cpu:.2f}× ({'met' if cpu >= GOAL_SPEEDUP else 'not met'}).")
 
 
 def plot(result: dict):
