@@ -223,12 +223,13 @@ def sweep(engine: Engine, queries: np.ndarray, exact: np.ndarray, efs: tuple[int
             "build_seconds": engine.build_seconds, "curve": points}
 
 
-def at_recall(curve: list[dict], target: float) -> float | None:
-    """p50 latency at ``target`` recall, interpolated along the curve; None if never reached."""
+def at_recall(curve: list[dict], target: float, key: str = "p50_ms") -> float | None:
+    """``key`` (p50 wall or CPU ms) at ``target`` recall, interpolated along the curve; None
+    if the curve never reaches it."""
     recalls = np.maximum.accumulate([p["recall_at_10"] for p in curve])
     if recalls[-1] < target:
         return None
-    lat = [p["p50_ms"] for p in curve]
+    lat = [p[key] for p in curve]
     first = int(np.argmax(recalls >= target))
     if first == 0 or recalls[first] == recalls[first - 1]:
         return float(lat[first])
@@ -276,13 +277,15 @@ def run_point(name: str, data: np.ndarray, queries: np.ndarray, engines: list[En
         c["batch"] = batch_latency(e, queries, exact, batch_ef)
     summary = {}
     for target in TARGETS:
-        lat = {c["engine"]: at_recall(c["curve"], target) for c in curves}
-        row = {"p50_ms": lat}
-        hnsw = lat.get("hnswlib")
-        if hnsw:
-            row["speedup_vs_exact"] = ex["single"]["p50_ms"] / hnsw
-            if lat.get("faiss"):
-                row["hnswlib_over_faiss"] = hnsw / lat["faiss"]
+        row = {}
+        for key, suffix in (("p50_ms", ""), ("cpu_p50_ms", "_cpu")):
+            lat = {c["engine"]: at_recall(c["curve"], target, key) for c in curves}
+            row[key] = lat
+            hnsw = lat.get("hnswlib")
+            if hnsw:
+                row[f"speedup_vs_exact{suffix}"] = ex["single"][key] / hnsw
+                if lat.get("faiss"):
+                    row[f"hnswlib_over_faiss{suffix}"] = hnsw / lat["faiss"]
         summary[str(target)] = row
     return {"name": name, "items": len(data), "dim": data.shape[1], "queries": len(queries),
             "engines": curves, "exact": ex, "at_recall": summary}
@@ -318,9 +321,12 @@ def markdown(result: dict) -> str:
              f"Recall@10 against exact search and p50 latency of one query at a time on one "
              f"thread (M={M}, efConstruction={EF_CONSTRUCTION}, inner product on normalised "
              f"vectors). p50 latency in ms at equal recall@10 (interpolated along the ef "
-             f"sweep); speed-up = exact numpy p50 / hnswlib p50.", "",
+             f"sweep); speed-up = exact numpy p50 / hnswlib p50; ratios in wall time / in CPU "
+             f"time per query (the busy machine adds waits to wall times, more to the "
+             f"memory-bound exact search).", "",
              "| data | items | dim | recall@10 | hnswlib | faiss HNSW | exact numpy | "
-             "speed-up vs exact | hnswlib / faiss |", "|---|---|---|---|---|---|---|---|---|"]
+             "speed-up vs exact (wall / CPU) | hnswlib / faiss (wall / CPU) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
         for target, row in p["at_recall"].items():
             lat = row["p50_ms"]
@@ -331,8 +337,10 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {p['name']} | {p['items']:,} | {p['dim']} | {target} | {hnsw} | "
                 f"{_fmt(lat.get('faiss'))} | {p['exact']['single']['p50_ms']:.3f} | "
-                f"{_fmt(row.get('speedup_vs_exact'), '.0f')}× | "
-                f"{_fmt(row.get('hnswlib_over_faiss'), '.2f')} |")
+                f"{_fmt(row.get('speedup_vs_exact'), '.0f')}× / "
+                f"{_fmt(row.get('speedup_vs_exact_cpu'), '.0f')}× | "
+                f"{_fmt(row.get('hnswlib_over_faiss'), '.2f')} / "
+                f"{_fmt(row.get('hnswlib_over_faiss_cpu'), '.2f')} |")
     lines += ["", "Memory and batches (batch = all queries in one call, at the smallest ef "
               "where hnswlib reaches recall@10 0.95):", "",
               "| data | engine | bytes/item on disk | resident bytes/item | build s (all "
@@ -357,14 +365,15 @@ def _goals(result: dict) -> str:
     big = max(result["points"], key=lambda p: p["items"] if p["name"] == "clustered" else 0)
     row = big["at_recall"]["0.95"]
     hnsw = row["p50_ms"].get("hnswlib")
-    speedup = row.get("speedup_vs_exact")
-    ratio = row.get("hnswlib_over_faiss")
+    speedup = min(row.get("speedup_vs_exact") or 0, row.get("speedup_vs_exact_cpu") or 0)
+    ratio = max(row.get("hnswlib_over_faiss") or np.inf, row.get("hnswlib_over_faiss_cpu") or 0)
     reached = "reaches" if hnsw is not None else "does not reach"
     return (f"**Goals** (largest synthetic point, {big['items']:,} items): hnswlib {reached} "
-            f"recall@10 0.95; there it is {_fmt(speedup, '.0f')}× faster than exact numpy "
-            f"(goal ≥ 100×: {'met' if speedup and speedup >= 100 else 'not met'}) and takes "
-            f"{_fmt(ratio, '.2f')}× the latency of faiss HNSW at equal recall (goal ≤ 1.2×: "
-            f"{'met' if ratio and ratio <= 1.2 else 'not met'}).")
+            f"recall@10 0.95; there it is at least {speedup:.0f}× faster than exact numpy "
+            f"(the lower of wall and CPU time; goal ≥ 100×: "
+            f"{'met' if speedup >= 100 else 'not met'}) and takes at most {ratio:.2f}× the "
+            f"latency of faiss HNSW at equal recall (goal ≤ 1.2×: "
+            f"{'met' if ratio <= 1.2 else 'not met'}).")
 
 
 def plot(result: dict):
