@@ -196,8 +196,7 @@ def write_outputs(name: str, result: dict, section: str, out: Path, results_md: 
     if figure is not None:
         rel = os.path.relpath(paths["png"], results_md.parent)
         plot = f"\n\n![{name}]({rel})"
-    command = _command(name)
-    result["command"] = command
+    command = result.setdefault("command", _command(name))
     body = (f"{section.strip()}{plot}\n\nCommand: `{command}`. "
             f"{machine_markdown(result['machine'])}")
     paths["json"].write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -342,7 +342,9 @@ def markdown(result: dict) -> str:
                 f"{_fmt(row.get('hnswlib_over_faiss'), '.2f')} / "
                 f"{_fmt(row.get('hnswlib_over_faiss_cpu'), '.2f')} |")
     lines += ["", "Memory and batches (batch = all queries in one call, at the smallest ef "
-              "where hnswlib reaches recall@10 0.95):", "",
+              "where hnswlib reaches recall@10 0.95; resident = growth of the process's RSS "
+              "while the index loads, too low where memory freed by an earlier point is "
+              "reused):", "",
               "| data | engine | bytes/item on disk | resident bytes/item | build s (all "
               "threads) | batch ef | ms/query batch, 1 thread | ms/query batch, all threads |",
               "|---|---|---|---|---|---|---|---|"]
