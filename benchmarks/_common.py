@@ -184,7 +184,7 @@ def write_outputs(name: str, result: dict, section: str, out: Path, results_md: 
     section (the machine paragraph is appended to ``section``). Returns the paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["machine"].setdefault("load_average_end", [round(x, 2) for x in os.getloadavg()])
     paths = {"json": out / f"{name}.json"}
     if figure is not None:
         paths["png"] = out / f"{name}.png"
