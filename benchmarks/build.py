@@ -134,9 +134,9 @@ def markdown(result: dict) -> str:
     best = max(speedups) if speedups else None
     lines += ["", f"**Goal** reproject ≥ 20× faster than a full build: "
               f"{'met' if best and best >= 20 else 'not met'} (best {best:.1f}×). Both rebuild "
-              "the HNSW graph on one thread (reproducible bytes); with these small gallery "
-              "models index construction is a large share of a full build, so the ratio "
-              "grows with the gallery models' cost." if best else ""]
+              "every shard's HNSW graph (one thread per shard, shards side by side); with "
+              "these small gallery models index construction is a large share of a full "
+              "build, so the ratio grows with the gallery models' cost." if best else ""]
     return "\n".join(lines)
 
 
