@@ -346,7 +346,8 @@ def markdown(result: dict) -> str:
               "while the index loads, too low where memory freed by an earlier point is "
               "reused):", "",
               "| data | engine | bytes/item on disk | resident bytes/item | build s (all "
-              "threads) | batch ef | ms/query batch, 1 thread | ms/query batch, all threads |",
+              "threads, when first built and cached: the machine's load differed) | batch ef | "
+              "ms/query batch, 1 thread | ms/query batch, all threads |",
               "|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
         for c in p["engines"]:
