@@ -17,9 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from query_sdk.bundle_format import (
+    HEAD_ROLE_PREFIX,
+    QUERY_ROLE,
     Artifact,
     BundleManifest,
     Validation,
@@ -27,10 +30,18 @@ from query_sdk.bundle_format import (
     path_digest,
     write_bundle_manifest,
 )
+from query_sdk.spec import to_model_input
 
 from .calibration import calibration_and_validation
 from .errors import ExportError
-from .graph import ModelIO, fold_batch_norms, load_export_source, query_io
+from .graph import (
+    ModelIO,
+    fold_batch_norms,
+    head_io,
+    load_export_source,
+    load_gallery_model,
+    query_io,
+)
 from .validate import GalleryCheck, cosine_stats
 
 __all__ = ["OFFERED", "ExportPlan", "ExportResult", "export_bundle", "staged_folder"]
@@ -56,6 +67,7 @@ class ExportPlan:
     n_calibration: int = 512
     n_validation: int = 1000
     gallery: Path | None = None
+    gallery_models: list[Path] = field(default_factory=list)  # export their heads too
     force: bool = False
 
 
@@ -129,6 +141,19 @@ def _check_jobs(jobs: list[tuple[str, str]]) -> None:
             )
 
 
+@dataclass
+class _Subject:
+    """One model to export in every (target, quantization): the query graph or a gallery head."""
+
+    role: str
+    module: nn.Module  # batch norms folded
+    io: Callable[[str], ModelIO]  # input dtype of the target -> I/O
+    calibration: np.ndarray | None
+    validation: np.ndarray
+    reference: np.ndarray  # fp32 torch output on ``validation``
+    gallery: bool  # measure Recall@1 against the gallery (query only)
+
+
 def export_bundle(plan: ExportPlan, progress: bool = True) -> ExportResult:
     """Run the plan; returns the written manifest and per-artifact notes."""
     _check_jobs(plan.jobs)
@@ -138,6 +163,7 @@ def export_bundle(plan: ExportPlan, progress: bool = True) -> ExportResult:
     if needs_calibration and plan.calibration is None:
         raise ExportError("int8 needs --calibration images (e.g. the training split)")
     source = load_export_source(plan.model_dir, plan.heads_dir)
+    gallery_models = [load_gallery_model(d, source) for d in plan.gallery_models]
     spec = source.input_spec
     cal, val = calibration_and_validation(
         plan.calibration if needs_calibration else None,
@@ -146,30 +172,60 @@ def export_bundle(plan: ExportPlan, progress: bool = True) -> ExportResult:
         plan.n_calibration,
         plan.n_validation,
     )
-    with torch.no_grad():
-        reference = source.graph(torch.from_numpy(val.images)).numpy()
+    subjects = [
+        _Subject(
+            QUERY_ROLE,
+            fold_batch_norms(source.graph),
+            lambda dtype: query_io(spec, source.embedding_dim, dtype),
+            None if cal is None else cal.images,
+            val.images,
+            _run_torch(source.graph, val.images),
+            gallery=True,
+        )
+    ]
+    for name, model in gallery_models:
+        head = source.heads[name]
+        raw_val = _embed(model, val.images)
+        subjects.append(
+            _Subject(
+                f"{HEAD_ROLE_PREFIX}{name}",
+                fold_batch_norms(head),
+                lambda _, d=raw_val.shape[1]: head_io(d, source.embedding_dim),
+                None if cal is None else _embed(model, cal.images),
+                raw_val,
+                _run_torch(head, raw_val),
+                gallery=False,
+            )
+        )
     gallery = recall_torch = classes = None
     if plan.gallery is not None:
         if (val.labels < 0).any():
             raise ExportError(f"--gallery needs labelled validation images; {val.name} has none")
         gallery = GalleryCheck(plan.gallery, source.space_id)
         classes = [val.classes[int(i)] for i in val.labels]
-        recall_torch = gallery.recall_at_1(reference, classes)
-    module = fold_batch_norms(source.graph)
+        recall_torch = gallery.recall_at_1(subjects[0].reference, classes)
     targets = _targets()
     artifacts, notes = [], {}
+    jobs = [(s, t, q) for s in subjects for t, q in plan.jobs]
     with staged_folder(plan.out, plan.force) as folder:
-        for target, quant in tqdm(plan.jobs, desc="export", disable=not progress):
+        for subject, target, quant in tqdm(jobs, desc="export", disable=not progress):
             spec_t = targets[target]
-            io = query_io(spec, source.embedding_dim, spec_t.input_dtype)
-            name = artifact_file_name(target, quant)
+            io = subject.io(spec_t.input_dtype)
+            name = artifact_file_name(target, quant, subject.role)
             path = folder / name
-            note = spec_t.export(module, io, quant, None if cal is None else cal.images, path)
-            notes[name] = list(note or [])
+            notes[name] = list(spec_t.export(subject.module, io, quant, subject.calibration, path))
             validation = _validate(
-                spec_t, path, val.images, reference, gallery, classes, recall_torch
+                spec_t,
+                path,
+                subject,
+                io,
+                gallery if subject.gallery else None,
+                classes,
+                recall_torch,
             )
-            artifacts.append(_artifact(folder, name, target, quant, io, validation, spec_t))
+            artifacts.append(
+                _artifact(folder, name, target, quant, subject.role, io, validation, spec_t)
+            )
         manifest = BundleManifest(
             space_id=source.space_id,
             mode=source.mode,
@@ -190,24 +246,41 @@ def export_bundle(plan: ExportPlan, progress: bool = True) -> ExportResult:
     return ExportResult(manifest, notes, recall_torch)
 
 
+def _run_torch(module: nn.Module, inputs: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """fp32 torch outputs (eval mode, no grad), in batches."""
+    module.eval()
+    with torch.no_grad():
+        return np.concatenate(
+            [
+                module(torch.from_numpy(inputs[i : i + batch])).numpy()
+                for i in range(0, len(inputs), batch)
+            ]
+        )
+
+
+def _embed(model: nn.Module, images: np.ndarray) -> np.ndarray:
+    """A gallery model's raw embeddings of query-spec images (converted to its own spec)."""
+    return _run_torch(model, to_model_input(images, model.input_spec))
+
+
 def _validate(
     spec_t: _Target,
     path: Path,
-    images: np.ndarray,
-    reference: np.ndarray,
+    subject: _Subject,
+    io: ModelIO,
     gallery: GalleryCheck | None,
     classes: list[str] | None,
     recall_torch: float | None,
 ) -> Validation:
     if spec_t.run is None:
         return Validation(runtime=spec_t.runtime, images=0, cosine_min=None, cosine_mean=None)
-    output = spec_t.run(path, images.astype(spec_t.input_dtype))
-    cmin, cmean = cosine_stats(reference, output)
+    output = spec_t.run(path, subject.validation.astype(io.input_dtype))
+    cmin, cmean = cosine_stats(subject.reference, output)
     delta = space = None
     if gallery is not None:
         delta = gallery.recall_at_1(output.astype(np.float32), classes) - recall_torch
         space = gallery.space_id
-    return Validation(spec_t.runtime, len(images), cmin, cmean, delta, space)
+    return Validation(spec_t.runtime, len(subject.validation), cmin, cmean, delta, space)
 
 
 def _artifact(
@@ -215,6 +288,7 @@ def _artifact(
     name: str,
     target: str,
     quant: str,
+    role: str,
     io: ModelIO,
     validation: Validation,
     spec_t: _Target,
@@ -226,7 +300,7 @@ def _artifact(
         file=name,
         bytes=size,
         sha256=digest,
-        role="query",
+        role=role,
         input_name=io.input_name,
         input_shape=list(io.input_shape),
         input_dtype=io.input_dtype,

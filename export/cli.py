@@ -92,6 +92,15 @@ def _jobs(targets: tuple[str, ...], quants: tuple[str, ...]):
     help="A gallery in the same space: also measure the Recall@1 change of each "
     "artifact (needs labelled validation images).",
 )
+@click.option(
+    "--gallery-model",
+    "gallery_models",
+    multiple=True,
+    type=PathType,
+    help="Also export the head of this gallery model (repeatable; needs --heads) as "
+    "its own artifact, for edge devices that enroll items into the space; "
+    "calibrated and validated on this model's embeddings of the images.",
+)
 @click.option("--out", required=True, type=PathType, help="Bundle folder to create.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
@@ -106,6 +115,7 @@ def main(
     validation,
     validation_images,
     gallery,
+    gallery_models,
     out,
     force,
     as_json,
@@ -137,6 +147,7 @@ def main(
         n_calibration=calibration_images,
         n_validation=validation_images,
         gallery=gallery,
+        gallery_models=list(gallery_models),
         force=force,
     )
     result = export_bundle(plan, progress=not as_json)

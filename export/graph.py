@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from gallery_builder.checkpoint import CheckpointError, read_config
-from gallery_builder.heads import Head, check_query_model, load_heads
+from gallery_builder.heads import Head, check_gallery_models, check_query_model, load_heads
 from gallery_builder.models import load_model
 from query_sdk.spec import InputSpec
 
@@ -30,6 +30,7 @@ __all__ = [
     "QueryGraph",
     "ExportSource",
     "load_export_source",
+    "load_gallery_model",
     "fold_batch_norms",
     "drop_broadcast_expands",
     "export_program",
@@ -82,22 +83,21 @@ class ExportSource:
     """What one export starts from: the fp32 reference graph, gallery heads, and the identity."""
 
     graph: QueryGraph  # as loaded (reference for validation)
-    heads: dict[str, Head]  # gallery model name -> head (empty unless asked for)
+    heads: dict[str, Head]  # gallery model name -> its head (empty without heads)
     input_spec: InputSpec
     embedding_dim: int
     space_id: str
     mode: str
     query_fingerprint: str
+    heads_config: dict | None
 
 
-def load_export_source(
-    model_dir: Path, heads_dir: Path | None, gallery_heads: bool = False
-) -> ExportSource:
+def load_export_source(model_dir: Path, heads_dir: Path | None) -> ExportSource:
     """Load the query checkpoint (and heads) and check they belong together.
 
     Without heads the space is the query model's own ("to-query", space id = its fingerprint).
-    With unified heads T_q is fused behind Q and the space id is the heads'. ``gallery_heads``
-    also returns the gallery-side heads for export.
+    With unified heads T_q is fused behind Q and the space id is the heads'. The gallery-side
+    heads come along (by gallery model name) for :func:`load_gallery_model`.
     """
     config = read_config(Path(model_dir), "model")
     if "input_spec" not in config or "input_spec" not in config.get("identity", {}):
@@ -110,11 +110,10 @@ def load_export_source(
     if qcfg["role"] != "query":
         raise ExportError(f"{model_dir}: a {qcfg['role']!r} model; export takes the query model")
     if heads_dir is None:
-        if gallery_heads:
-            raise ExportError("--gallery-heads needs --heads (the heads checkpoint)")
         return ExportSource(
             graph=QueryGraph(model, None).eval(),
             heads={},
+            heads_config=None,
             input_spec=model.input_spec,
             embedding_dim=model.embedding_dim,
             space_id=qcfg["fingerprint"],
@@ -128,13 +127,28 @@ def load_export_source(
         raise ExportError(f"{heads_dir} and {model_dir} do not belong together: {exc}") from exc
     return ExportSource(
         graph=QueryGraph(model, heads.query).eval(),
-        heads={n: heads.gallery[n.replace(".", "_")] for n in heads.names} if gallery_heads else {},
+        heads={n: heads.gallery[n.replace(".", "_")] for n in heads.names},
+        heads_config=hcfg,
         input_spec=model.input_spec,
         embedding_dim=heads.dim,
         space_id=hcfg["space_id"],
         mode=heads.mode,
         query_fingerprint=qcfg["fingerprint"],
     )
+
+
+def load_gallery_model(model_dir: Path, source: ExportSource) -> tuple[str, nn.Module]:
+    """A gallery model whose head is to be exported: ``(name, model)``; the name is its folder
+    name, as in the heads checkpoint. ExportError unless the heads were trained for it."""
+    if source.heads_config is None:
+        raise ExportError("exporting a gallery head needs --heads (the heads checkpoint)")
+    model, config = load_model(Path(model_dir))
+    name = Path(model_dir).name
+    try:
+        check_gallery_models(source.heads_config, {name: config})
+    except CheckpointError as exc:
+        raise ExportError(f"{model_dir}: {exc}") from exc
+    return name, model
 
 
 def fold_batch_norms(module: nn.Module) -> nn.Module:

@@ -62,6 +62,7 @@ __all__ = [
     "MODES",
     "TARGET_SUFFIX",
     "QUERY_ROLE",
+    "HEAD_ROLE_PREFIX",
     "BundleError",
     "Validation",
     "Artifact",

@@ -347,3 +347,22 @@ def test_an_op_a_target_cannot_take_is_named(target, tmp_path):
     with pytest.raises(UnsupportedOpError, match=rf"^{target} cannot take op\(s\) .*i0") as err:
         exporter[target](_Bessel(), io, "fp32", None, tmp_path / "m")
     assert err.value.target == target and err.value.ops
+
+
+def test_gallery_head_is_its_own_artifact(digits_run, tmp_path):
+    _, _, run_dir = digits_run
+    query, heads, gallery_models = _dirs(run_dir)
+    plan = ExportPlan(model_dir=query, heads_dir=heads, jobs=[("onnx", "fp32"), ("onnx", "int8")],
+                      validation="digits", calibration="digits", n_calibration=256,
+                      n_validation=256, gallery_models=[gallery_models[0]], out=tmp_path / "b")
+    manifest = export_bundle(plan, progress=False).manifest
+    assert [a.role for a in manifest.artifacts] == ["query", "query", "head:resnet", "head:resnet"]
+    head = find_artifact(manifest, "onnx", "int8", "head:resnet")
+    assert head.file == "head-resnet.int8.onnx" and head.input_dtype == "float32"
+    assert head.input_shape == [-1, 32] and head.output_shape == [-1, manifest.embedding_dim]
+    assert find_artifact(manifest, "onnx", "fp32", "head:resnet").validation.cosine_min >= 0.999
+    assert head.validation.cosine_mean >= 0.98 and head.validation.recall_at_1_delta is None
+    verify_bundle(tmp_path / "b")
+    with pytest.raises(ExportError, match="no head for gallery model 'query-old'"):
+        export_bundle(ExportPlan(**{**plan.__dict__, "out": tmp_path / "c",
+                                    "gallery_models": [run_dir / "models" / "query-old"]}))
