@@ -191,7 +191,8 @@ def plot(result: dict):
             ax.bar(x + (k - 0.5) * 0.38, [r[f"threads_{t}"]["p50_ms"] if f"threads_{t}" in r
                                           else 0 for r in rows], 0.38, label=f"{t} thread(s)")
         ax.set_xticks(x, names, fontsize=7)
-        ax.set_ylabel("p50 ms / image")
+        ax.set_yscale("log")
+        ax.set_ylabel("p50 ms / image (log)")
         ax.set_title(m["model"], fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -399,8 +399,8 @@ def plot(result: dict):
         ax.set_xlabel("recall@10")
         ax.set_title(f"{p['name']} {p['items']:,} × {p['dim']}")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     axes[0][0].set_ylabel("p50 ms / query (1 thread)")
-    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
