@@ -5,16 +5,14 @@ Known errors print one line saying what is wrong and exit 1; set CMCE_DEBUG=1 fo
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 
 import click
 
+from query_sdk.cli import friendly
 from query_sdk.spec import InputSpec
 
 from .checkpoint import CheckpointError
@@ -28,20 +26,8 @@ BUILTIN_SPECS = {
 EMBEDDINGS_FILE = "train-embeddings.safetensors"
 
 
-def _friendly(fn):
-    """Turn known errors into one line and exit code 1 (tracebacks with CMCE_DEBUG=1)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KNOWN_ERRORS as e:
-            if os.environ.get("CMCE_DEBUG"):
-                raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-
-    return wrapper
+_friendly = friendly(KNOWN_ERRORS)
+"""Known errors become one line and exit code 1 (tracebacks with CMCE_DEBUG=1)."""
 
 
 def _parse_spec(text: str | None, source: str) -> InputSpec:

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 
+from query_sdk.images import decode_image
 from query_sdk.spec import InputSpec, to_model_input
 
 __all__ = [
@@ -420,19 +420,6 @@ def load_digits() -> ImageSet:
 
 
 # ------------------------------------------------------------------------------ image folder
-
-
-def decode_image(path: Path, spec: InputSpec) -> np.ndarray:
-    """One image file as (H, W, C) uint8 at the spec's size and channels."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")
-        if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grey: scale, don't clip
-            wide = np.asarray(im, dtype=np.float64)
-            im = Image.fromarray(np.clip(np.rint(wide * 255 / 65535), 0, 255).astype(np.uint8))
-        pixels = np.asarray(im.convert("L" if spec.channels == 1 else "RGB"))
-    return to_model_input(pixels[None], spec)[0]
 
 
 def list_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:

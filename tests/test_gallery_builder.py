@@ -283,7 +283,7 @@ def test_cli_build_json_and_verify(digits_run, tmp_path):
         args += ["--models", str(m)]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert out["items"] == 1797 and out["shards"] == 2
     r = CliRunner().invoke(main, ["verify", "--gallery", str(tmp_path / "g")])
     assert r.exit_code == 0 and "1,797 items" in r.output
