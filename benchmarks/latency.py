@@ -27,6 +27,7 @@ from export.calibration import MIN_VALIDATION_IMAGES
 from export.graph import load_export_source
 from gallery_builder.data import load_source
 from gallery_builder.models import count_params, create_model, mflops, save_model
+from gallery_builder.models.mobilenet_v3 import IMAGENET_SPEC, PUBLISHED_PARAMS
 from gallery_builder.models.saving import registered_identity
 from query_sdk.bundle_format import (
     MANIFEST_FILE,
@@ -45,7 +46,6 @@ from ._common import (
     timed,
     write_outputs,
 )
-from .mobilenet_v3 import IMAGENET_SPEC, PUBLISHED_PARAMS
 
 THREADS = (1, 2)
 GOAL_SPEEDUP = 2.0

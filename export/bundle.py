@@ -103,6 +103,7 @@ def _targets() -> dict[str, _Target]:
             coreml.run_coreml if coreml.can_predict() else None,
             "coreml" if coreml.can_predict() else "spec-only",
             input_dtype=coreml.INPUT_DTYPE,
+            max_batch=lambda _: coreml.MAX_BATCH,
         ),
     }
 

@@ -19,10 +19,12 @@ from torch import nn
 from .errors import ExportError, UnsupportedOpError
 from .graph import ModelIO, export_program
 
-__all__ = ["INPUT_DTYPE", "export_coreml", "run_coreml", "can_predict", "check_package"]
+__all__ = [
+    "INPUT_DTYPE", "MAX_BATCH", "export_coreml", "run_coreml", "can_predict", "check_package",
+]
 
 INPUT_DTYPE = "float32"
-_MAX_BATCH = 64
+MAX_BATCH = 64
 
 
 def can_predict() -> bool:
@@ -38,8 +40,8 @@ def export_coreml(
 
     if quantization not in ("fp32", "fp16", "int8"):
         raise ExportError(f"coreml: quantization {quantization!r} is not offered")
-    program = export_program(module, io, _MAX_BATCH).run_decompositions({})
-    shape = ct.Shape(shape=(ct.RangeDim(1, _MAX_BATCH, 1), *io.input_shape[1:]))
+    program = export_program(module, io, MAX_BATCH).run_decompositions({})
+    shape = ct.Shape(shape=(ct.RangeDim(1, MAX_BATCH, 1), *io.input_shape[1:]))
     try:
         model = ct.convert(
             program,
@@ -124,14 +126,14 @@ def _layer_weights(metadata) -> tuple[dict[str, np.dtype], dict[str, np.dtype]]:
 
 
 def run_coreml(path: Path, inputs: np.ndarray) -> np.ndarray:
-    """Predict with Core ML (macOS only), in batches of up to _MAX_BATCH."""
+    """Predict with Core ML (macOS only), in batches of up to MAX_BATCH."""
     import coremltools as ct
 
     model = ct.models.MLModel(str(path))
     (inp,), (out,) = model.get_spec().description.input, model.get_spec().description.output
     return np.concatenate(
         [
-            np.asarray(model.predict({inp.name: inputs[i : i + _MAX_BATCH]})[out.name])
-            for i in range(0, len(inputs), _MAX_BATCH)
+            np.asarray(model.predict({inp.name: inputs[i : i + MAX_BATCH]})[out.name])
+            for i in range(0, len(inputs), MAX_BATCH)
         ]
     )

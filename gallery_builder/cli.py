@@ -399,14 +399,22 @@ def _save_embeddings(path: Path, raw: dict, labels) -> None:
 # ---------------------------------------------------------------- models
 @main.command("models")
 def models_cmd() -> None:
-    """List the registered architectures with their size at 28x28 grey."""
-    from .models import count_params, create_model, list_models, mflops, model_role
+    """List the registered architectures with their size at 28x28 grey (or at the one input an
+    architecture takes)."""
+    from .models import (
+        count_params,
+        create_model,
+        list_models,
+        mflops,
+        model_role,
+        native_input_spec,
+    )
 
-    spec = BUILTIN_SPECS["fashion-mnist"]
     for name in list_models():
+        spec = native_input_spec(name) or BUILTIN_SPECS["fashion-mnist"]
         m = create_model(name, spec)
-        click.echo(f"{name:12s} {model_role(name):8s} {count_params(m):>9,} params "
-                   f"{mflops(m, spec):8.2f} MFLOPs")
+        click.echo(f"{name:18s} {model_role(name):8s} {count_params(m):>9,} params "
+                   f"{mflops(m, spec):8.2f} MFLOPs at {spec.height}x{spec.width}x{spec.channels}")
 
 
 @main.command("import-model")

@@ -92,8 +92,8 @@ def test_build_smoke(digits_run, tmp_path):
 
 
 def test_mobilenet_v3_small_matches_the_published_architecture():
-    from benchmarks.mobilenet_v3 import IMAGENET_SPEC, PUBLISHED_PARAMS
     from gallery_builder.models import count_params, create_model, mflops
+    from gallery_builder.models.mobilenet_v3 import IMAGENET_SPEC, PUBLISHED_PARAMS
 
     model = create_model("mobilenet_v3_small", IMAGENET_SPEC, None)
     assert count_params(model) == PUBLISHED_PARAMS

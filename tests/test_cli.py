@@ -102,5 +102,7 @@ def test_folder_needs_an_input_spec(tmp_path):
 
 def test_models_lists_the_families():
     r = invoke("models")
+    lines = {line.split()[0]: line for line in r.output.splitlines()}
     for name in ("resnet", "widecnn", "vit", "mobilenet"):
-        assert name in r.output
+        assert lines[name].endswith("at 28x28x1")
+    assert lines["mobilenet_v3_small"].endswith("at 224x224x3")  # takes only RGB 224

@@ -1,8 +1,16 @@
-"""Embedding architectures: three gallery families and one light query network, plus
-checkpoint folders for them and for users' own backbones."""
+"""Embedding architectures: three gallery families, one light query network and
+MobileNetV3-Small (the latency reference), plus checkpoint folders for them and for users' own
+backbones."""
 
-from . import mobilenet, resnet, vit, widecnn  # noqa: F401  (registers the architectures)
-from ._registry import EmbeddingNet, create_model, list_models, model_role, register_model
+from . import mobilenet, mobilenet_v3, resnet, vit, widecnn  # noqa: F401  (registers them)
+from ._registry import (
+    EmbeddingNet,
+    create_model,
+    list_models,
+    model_role,
+    native_input_spec,
+    register_model,
+)
 from .complexity import count_params, mflops
 from .saving import (
     import_external,
@@ -13,7 +21,8 @@ from .saving import (
 )
 
 __all__ = [
-    "EmbeddingNet", "create_model", "list_models", "model_role", "register_model",
+    "EmbeddingNet", "create_model", "list_models", "model_role", "native_input_spec",
+    "register_model",
     "count_params", "mflops", "load_model", "save_model", "registered_identity",
     "import_external", "import_torchscript",
 ]

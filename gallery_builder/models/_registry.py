@@ -15,9 +15,12 @@ from torch import nn
 
 from query_sdk.spec import InputSpec
 
-__all__ = ["EmbeddingNet", "register_model", "create_model", "list_models", "model_role"]
+__all__ = [
+    "EmbeddingNet", "register_model", "create_model", "list_models", "model_role",
+    "native_input_spec",
+]
 
-_MODELS: dict[str, tuple[Callable[..., EmbeddingNet], str]] = {}
+_MODELS: dict[str, tuple[Callable[..., EmbeddingNet], str, InputSpec | None]] = {}
 
 
 class EmbeddingNet(nn.Module):
@@ -54,15 +57,19 @@ class EmbeddingNet(nn.Module):
         return F.normalize(self.embed(self.backbone(self.preprocess(images))), dim=-1)
 
 
-def register_model(name: str, role: str) -> Callable:
-    """Decorator filing an architecture constructor under ``name``; role is gallery or query."""
+def register_model(name: str, role: str, native_input: InputSpec | None = None) -> Callable:
+    """Decorator filing an architecture constructor under ``name``; role is gallery or query.
+
+    ``native_input`` names the only input an architecture takes (e.g. 224x224 RGB); None means
+    it adapts to any input spec.
+    """
     if role not in ("gallery", "query"):
         raise ValueError(f"role must be 'gallery' or 'query', got {role!r}")
 
     def wrap(fn: Callable[..., EmbeddingNet]) -> Callable[..., EmbeddingNet]:
         if name in _MODELS:
             raise ValueError(f"architecture {name!r} is already registered")
-        _MODELS[name] = (fn, role)
+        _MODELS[name] = (fn, role, native_input)
         return fn
 
     return wrap
@@ -71,13 +78,19 @@ def register_model(name: str, role: str) -> Callable:
 def list_models(pattern: str = "*", role: str | None = None) -> list[str]:
     """Registered architecture names matching a glob pattern (and role, if given)."""
     return sorted(
-        n for n, (_, r) in _MODELS.items() if fnmatch.fnmatch(n, pattern) and role in (None, r)
+        n for n, (_, r, _) in _MODELS.items() if fnmatch.fnmatch(n, pattern) and role in (None, r)
     )
 
 
 def model_role(name: str) -> str:
     _check_known(name)
     return _MODELS[name][1]
+
+
+def native_input_spec(name: str) -> InputSpec | None:
+    """The fixed input an architecture was registered with, or None if it takes any."""
+    _check_known(name)
+    return _MODELS[name][2]
 
 
 def create_model(

@@ -4,8 +4,8 @@
 torchvision does not import beside the pinned torch here, so the same architecture is written
 out: the same layer table, squeeze-and-excitation widths, batch-norm settings and classifier,
 hence the same 2,542,856 parameters (torchvision's published count) and about 56-60 M
-multiply-adds at 224x224. Registered as ``mobilenet_v3_small`` (role ``query``) once this module
-is imported; it is wrapped in :class:`EmbeddingNet` like every model here (uint8 NHWC in, the
+multiply-adds at 224x224. Registered as ``mobilenet_v3_small`` (role ``query``, 224x224 RGB
+only); it is wrapped in :class:`EmbeddingNet` like every model here (uint8 NHWC in, the
 1000 classifier outputs L2-normalised out), so it exports through the same path as the
 project's query model.
 """
@@ -17,8 +17,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from gallery_builder.models import EmbeddingNet, register_model
 from query_sdk.spec import InputSpec
+
+from ._registry import EmbeddingNet, register_model
 
 __all__ = ["PUBLISHED_PARAMS", "IMAGENET_SPEC", "mobilenet_v3_small"]
 
@@ -98,7 +99,7 @@ def _backbone(num_classes: int) -> nn.Sequential:
         nn.Linear(576, 1024), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(1024, num_classes))
 
 
-@register_model("mobilenet_v3_small", role="query")
+@register_model("mobilenet_v3_small", role="query", native_input=IMAGENET_SPEC)
 def mobilenet_v3_small(input_spec: InputSpec = IMAGENET_SPEC, embedding_dim: int | None = None,
                        num_classes: int = 1000) -> EmbeddingNet:
     """torchvision's layout; ``embedding_dim=None`` keeps the ``num_classes`` outputs."""
