@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -17,6 +18,9 @@ from query_sdk.spec import InputSpec
 
 from .checkpoint import CheckpointError
 from .data import DataError, DatasetMissing
+
+if TYPE_CHECKING:
+    from .experiment import ExperimentConfig
 
 KNOWN_ERRORS = (CheckpointError, DataError, DatasetMissing, ValueError, OSError)
 BUILTIN_SPECS = {
@@ -124,6 +128,39 @@ def demo(out: Path, quick: bool, preset: str | None) -> None:
     click.echo(settings_table(report))
     click.echo(f"\n{preset} run took {report['seconds']:.0f} s; wrote "
                + ", ".join(str(f) for f in files))
+    if cfg.dataset == "fashion-mnist":
+        _write_sample_queries(out / "queries")
+        click.echo(_next_steps(cfg, out, report["default_mode"]))
+
+
+def _write_sample_queries(folder: Path, n: int = 10) -> None:
+    """The first ``n`` test images as PNG files named after their class, to try cmce-query."""
+    from PIL import Image
+
+    from .data import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+    test = load_fashion_mnist("test")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        name = FASHION_MNIST_CLASSES[int(test.labels[i])].replace("/", "-").replace(" ", "-")
+        Image.fromarray(test.images[i, :, :, 0]).save(folder / f"test-{i:05d}-{name.lower()}.png")
+
+
+def _next_steps(cfg: ExperimentConfig, out: Path, mode: str) -> str:
+    """The commands that take a demo run's models to a gallery, a bundle and a search."""
+    models = " ".join(f"--models {out / 'models' / g.name}" for g in cfg.gallery_models)
+    heads = out / "heads" / mode
+    return (
+        "\nNext: a gallery, the phone's model and a search (export needs pip install -e "
+        "'.[export]'):\n"
+        f"  cmce-build-gallery build {models} --heads {heads} --images fashion-mnist:train "
+        f"--out {out / 'gallery'}\n"
+        f"  cmce-export --model {out / 'models' / cfg.query_model.name} --heads {heads} "
+        "--target onnx --quantize int8 --calibration fashion-mnist:train "
+        f"--validation fashion-mnist:test --gallery {out / 'gallery'} --out {out / 'bundle'}\n"
+        f"  cmce-query --bundle {out / 'bundle'} --gallery {out / 'gallery'} "
+        f"{out / 'queries'}/*.png"
+    )
 
 
 @main.command("eval")
