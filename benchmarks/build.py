@@ -13,7 +13,10 @@
 - engines: ``local`` (this process) and ``ray`` (a local Ray with one CPU per core, i.e. two
   workers on a two-core machine); Ray's start-up is timed apart from the builds;
 - ``reproject``: the k-model gallery re-indexed with a second set of heads, against the time of
-  its full build.
+  its full build;
+- ``--large``: the same for one gallery model of a real backbone's cost (the ``resnet`` family
+  at 224x224 RGB, width 32: about 2.4 G multiply-adds per image, ResNet-18 class; untrained,
+  timing only), because the reproject speed-up depends on what the gallery models cost.
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ import torch
 from gallery_builder.data import ImageSet, load_source
 from gallery_builder.gallery import BuildSettings, build, reproject
 from gallery_builder.heads import HeadSettings, save_heads, train_heads
-from gallery_builder.models import load_model, save_model
-from gallery_builder.models.saving import build_from_identity
+from gallery_builder.models import create_model, load_model, mflops, save_model
+from gallery_builder.models.saving import build_from_identity, registered_identity
 from gallery_builder.train import embed
-from query_sdk.spec import to_model_input
+from query_sdk.spec import InputSpec, to_model_input
 
 from ._common import (
     machine_info,
@@ -46,6 +49,8 @@ from ._common import (
 )
 
 GALLERY_MODELS = ("resnet", "widecnn", "vit")
+LARGE_SPEC = InputSpec(224, 224, 3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+LARGE_KWARGS = {"width": 32}
 
 
 def model_dirs(run: Path, names: list[str], count: int, work: Path) -> list[Path]:
@@ -99,6 +104,35 @@ def timed_build(dirs: list[Path], heads: Path, source: str, out: Path, settings:
             "items": summary.items, "bytes_per_item": summary.bytes_per_item}
 
 
+def build_and_reproject(dirs: list[Path], heads: Path, new_heads: Path, source: str,
+                        out: Path, settings: BuildSettings) -> dict:
+    """A local build, then ``reproject`` with ``new_heads``: both timed, the gallery removed."""
+    shutil.rmtree(out, ignore_errors=True)
+    point = timed_build(dirs, heads, source, out, settings, "local")
+    summary = reproject(out, new_heads)
+    point["reproject"] = {"seconds": summary.seconds, "speedup": point["seconds"] / summary.seconds}
+    shutil.rmtree(out, ignore_errors=True)
+    return point
+
+
+def large_point(query_dir: Path, data: ImageSet, n_images: int, head_images: int, work: Path,
+                settings: BuildSettings) -> dict:
+    """Build and reproject ``n_images`` with one untrained gallery model of a backbone's cost."""
+    folder = work / "large-model"
+    if not folder.is_dir():
+        torch.manual_seed(0)
+        model = create_model("resnet", LARGE_SPEC, 128, **LARGE_KWARGS)
+        save_model(folder, model, registered_identity("resnet", LARGE_SPEC, 128, **LARGE_KWARGS),
+                   "gallery", {"note": "untrained, for build throughput only"})
+    model, _ = load_model(folder)
+    images = png_folder(data, n_images, work / f"images-{n_images}")
+    heads = [quick_heads(query_dir, [folder], data, head_images, work / f"heads-large-{seed}",
+                         seed) for seed in (0, 1)]
+    point = build_and_reproject([folder], *heads, str(images), work / "gallery-large", settings)
+    return {"images": n_images, "mflops": mflops(model, LARGE_SPEC),
+            "input": "224x224x3", **point}
+
+
 def markdown(result: dict) -> str:
     ray = (f"Ray: a local Ray with {result['ray_cpus']} CPUs and an actor pool of 2 per model "
            f"(so k models want 2k CPUs), up to {result['ray_max_models']} model(s); started "
@@ -128,15 +162,27 @@ def markdown(result: dict) -> str:
                   f"{full['images_per_second']:.0f} images/s ({full['seconds']:.1f} s); "
                   f"reproject {full['reproject']['seconds']:.1f} s "
                   f"({full['reproject']['speedup']:.1f}× faster)."]
-    speedups = [p["reproject"]["speedup"] for p in result["points"] if p.get("reproject")]
+    large = result.get("large")
+    if large:
+        lines += ["", f"Large point: one gallery model of a backbone's cost (`resnet` family at "
+                  f"{large['input']}, {large['mflops'] / 2e3:.1f} G multiply-adds per image, "
+                  f"untrained: timing only), {large['images']:,} PNG images: "
+                  f"{large['images_per_second']:.1f} images/s ({large['seconds']:.1f} s); "
+                  f"reproject {large['reproject']['seconds']:.2f} s "
+                  f"({large['reproject']['speedup']:.0f}× faster)."]
+    small = [p["reproject"]["speedup"] for p in result["points"] if p.get("reproject")]
     if full:
-        speedups.append(full["reproject"]["speedup"])
-    best = max(speedups) if speedups else None
-    lines += ["", f"**Goal** reproject ≥ 20× faster than a full build: "
-              f"{'met' if best and best >= 20 else 'not met'} (best {best:.1f}×). Both rebuild "
-              "every shard's HNSW graph (one thread per shard, shards side by side); with "
-              "these small gallery models index construction is a large share of a full "
-              "build, so the ratio grows with the gallery models' cost." if best else ""]
+        small.append(full["reproject"]["speedup"])
+    if small:
+        goal = (f"with the demo's small gallery models: {'met' if max(small) >= 20 else 'not met'}"
+                f" (best {max(small):.1f}×): both rebuild every shard's HNSW graph (one thread "
+                "per shard, shards side by side), a large share of a build when the models are "
+                "cheap")
+        if large:
+            speedup = large["reproject"]["speedup"]
+            goal += (f"; with a gallery model of a backbone's cost: "
+                     f"{'met' if speedup >= 20 else 'not met'} ({speedup:.0f}×)")
+        lines += ["", f"**Goal** reproject ≥ 20× faster than a full build {goal}."]
     return "\n".join(lines)
 
 
@@ -184,10 +230,15 @@ def plot(result: dict):
 @click.option("--full/--no-full", default=False, show_default=True,
               help="Also build all of --images (built-in arrays) with the run's "
                    "heads/unified and reproject it with heads/to-query.")
+@click.option("--large/--no-large", default=False, show_default=True,
+              help="Also build and reproject with one gallery model of a backbone's cost "
+                   "(224x224 RGB, about 2.4 G multiply-adds per image).")
+@click.option("--large-images", default=500, show_default=True,
+              help="Images for the --large point.")
 @click.option("--work", type=click.Path(path_type=Path), default=None,
               help="Scratch folder [default: a temporary one].")
 def main(smoke, out, results_md, run_dir, names, max_models, query_name, source, n_images,
-         head_images, engines, ray_max_models, full, work) -> None:
+         head_images, engines, ray_max_models, full, large, large_images, work) -> None:
     """Build throughput of the gallery builder for 1..4 gallery models, local vs Ray.
 
     \b
@@ -197,7 +248,7 @@ def main(smoke, out, results_md, run_dir, names, max_models, query_name, source,
     """
     out, results_md = resolve_outputs(smoke, out, results_md)
     if smoke:
-        n_images, head_images, max_models = 300, 300, 2
+        n_images, head_images, max_models, large_images = 300, 300, 2, 20
     engine_list = [e.strip() for e in engines.split(",") if e.strip()]
     torch.set_num_threads(os.cpu_count())
     machine = machine_info()
@@ -221,16 +272,16 @@ def main(smoke, out, results_md, run_dir, names, max_models, query_name, source,
             click.echo(f"{count} models, {engine}", err=True)
             gallery = work / f"gallery-{count}-{engine}"
             shutil.rmtree(gallery, ignore_errors=True)
-            point = {"models": count, "model_names": [d.name for d in dirs], "engine": engine,
-                     **timed_build(dirs, heads, str(folder), gallery, settings, engine)}
+            point = {"models": count, "model_names": [d.name for d in dirs], "engine": engine}
             if engine == "local":
                 new = quick_heads(run_dir / "models" / query_name, dirs, data, head_images,
                                   work / f"heads-{count}-b", seed=1)
-                summary = reproject(gallery, new)
-                point["reproject"] = {"seconds": summary.seconds,
-                                      "speedup": point["seconds"] / summary.seconds}
+                point.update(build_and_reproject(dirs, heads, new, str(folder), gallery,
+                                                 settings))
+            else:
+                point.update(timed_build(dirs, heads, str(folder), gallery, settings, engine))
+                shutil.rmtree(gallery, ignore_errors=True)
             points.append(point)
-            shutil.rmtree(gallery, ignore_errors=True)
     result = {"benchmark": "build", "smoke": smoke, "source": source, "images": n_images,
               "shard_size": settings.shard_size, "torch_threads": torch.get_num_threads(),
               "models": [d.name for d in model_dirs(run_dir, name_list, max_models, work)],
@@ -239,16 +290,14 @@ def main(smoke, out, results_md, run_dir, names, max_models, query_name, source,
               "points": points, "machine": machine}
     if full:
         click.echo(f"full build of {source}", err=True)
-        gallery = work / "gallery-full"
-        shutil.rmtree(gallery, ignore_errors=True)
         dirs = [run_dir / "models" / n for n in name_list]
-        res = timed_build(dirs, run_dir / "heads" / "unified", source, gallery,
-                          BuildSettings(), "local")
-        summary = reproject(gallery, run_dir / "heads" / "to-query")
-        result["full"] = {"source": source, **res,
-                          "reproject": {"seconds": summary.seconds,
-                                        "speedup": res["seconds"] / summary.seconds}}
-        shutil.rmtree(gallery, ignore_errors=True)
+        result["full"] = {"source": source, **build_and_reproject(
+            dirs, run_dir / "heads" / "unified", run_dir / "heads" / "to-query", source,
+            work / "gallery-full", BuildSettings())}
+    if large:
+        click.echo("large gallery model", err=True)
+        result["large"] = large_point(run_dir / "models" / query_name, data, large_images,
+                                      min(head_images, large_images), work, settings)
     paths = write_outputs("build", result, markdown(result), out, results_md, plot(result))
     click.echo(json.dumps({k: str(v) for k, v in paths.items()}))
 

@@ -1,8 +1,9 @@
 """End to end on the phone's path: image file -> hits through ``query_sdk.Searcher``, 1 thread.
 
-``python -m benchmarks.end_to_end --bundle B --gallery G [--smoke]``. For every query artifact
-of the bundle this machine can run (ONNX Runtime, ExecuTorch; fp32 and int8), each query is
-timed per stage with the SDK's public API:
+``python -m benchmarks.end_to_end --bundle B --gallery G [--gallery G2 ...] [--smoke]``. For
+every gallery (e.g. the same items in many small shards and in one) and every query artifact of
+the bundle this machine can run (ONNX Runtime, ExecuTorch; fp32 and int8), each query is timed
+per stage with the SDK's public API:
 
 - preprocessing: ``query_sdk.images.load_image`` (PNG decode, grey/RGB, resize to the spec);
 - embedding: ``Searcher.embed`` on the decoded pixels (model + re-normalisation);
@@ -67,50 +68,78 @@ def measure(searcher: Searcher, paths: list[Path], k: int, reject: str) -> dict:
     return out
 
 
+def measure_gallery(bundle: Path, gallery: Path, paths: list[Path], k: int, reject: str) -> dict:
+    """Every runnable query artifact of ``bundle`` against ``gallery``."""
+    rows, searcher = [], None
+    for backend, quantization in variants(bundle):
+        click.echo(f"{gallery}: {backend} {quantization}", err=True)
+        row = {"backend": backend, "quantization": quantization}
+        try:
+            searcher = Searcher.open(bundle=bundle, gallery=gallery, backend=backend,
+                                     threads=1, quantization=quantization)
+        except BackendError as exc:
+            rows.append({**row, "error": str(exc).split(";")[0]})
+            continue
+        rows.append({**row, "stages": measure(searcher, paths, k, reject)})
+    if searcher is None:
+        raise click.ClickException(f"{bundle}: no query artifact runs on this machine")
+    manifest = searcher.gallery.manifest
+    return {"path": str(gallery), "items": searcher.gallery.count,
+            "shards": len(manifest.shards), "ef_search": manifest.hnsw["ef_search"],
+            "variants": rows}
+
+
+def _gallery_label(g: dict) -> str:
+    return f"{g['shards']} × {g['items'] // g['shards']:,} items, ef {g['ef_search']}"
+
+
 def markdown(result: dict) -> str:
+    galleries = ", ".join(f"`{g['path']}` ({g['items']:,} items in {_gallery_label(g)})"
+                          for g in result["galleries"])
     lines = ["## End to end: image file → hits (query SDK, 1 thread)", "",
              f"`Searcher.search(path, k={result['k']}, max_uncertainty="
              f"\"{result['max_uncertainty']}\")` on {result['queries']} PNG query images "
-             f"against `{result['gallery']}` ({result['gallery_items']:,} items, "
-             f"{result['shards']} shards, ef_search {result['ef_search']}); p50 / p90 in ms "
-             "per stage, each timed apart; total = the whole call (its CPU time beside it: on a "
-             "busy machine the wall time also holds waits for a core).", "",
-             "| model | preprocessing | embedding | search | rejection (extra) | total p50 "
-             "| total p90 | total CPU p50 |", "|---|---|---|---|---|---|---|---|"]
-    for v in result["variants"]:
-        if "error" in v:
-            lines.append(f"| {v['backend']} {v['quantization']} | not runnable here: "
-                         f"{v['error']} | | | | | | |")
-            continue
-        s = v["stages"]
-        cells = [f"{s[n]['p50_ms']:.3f} / {s[n]['p90_ms']:.3f}" for n in STAGES[:3]]
-        lines.append(f"| {v['backend']} {v['quantization']} | {' | '.join(cells)} | "
-                     f"{s['rejection_p50_ms']:+.3f} | {s['total']['p50_ms']:.3f} | "
-                     f"{s['total']['p90_ms']:.3f} | {s['total']['cpu_p50_ms']:.3f} |")
-    ok = [v for v in result["variants"] if "stages" in v]
+             f"against {galleries}; every shard is searched at the manifest's ef_search. "
+             "p50 / p90 in ms per stage, each timed apart; total = the whole call (its CPU time "
+             "beside it: on a busy machine the wall time also holds waits for a core).", "",
+             "| gallery | model | preprocessing | embedding | search | rejection (extra) "
+             "| total p50 | total p90 | total CPU p50 |", "|---|---|---|---|---|---|---|---|---|"]
+    for g in result["galleries"]:
+        for v in g["variants"]:
+            head = f"| {_gallery_label(g)} | {v['backend']} {v['quantization']} |"
+            if "error" in v:
+                lines.append(f"{head} not runnable here: {v['error']} | | | | | | |")
+                continue
+            s = v["stages"]
+            cells = [f"{s[n]['p50_ms']:.3f} / {s[n]['p90_ms']:.3f}" for n in STAGES[:3]]
+            lines.append(f"{head} {' | '.join(cells)} | {s['rejection_p50_ms']:+.3f} | "
+                         f"{s['total']['p50_ms']:.3f} | {s['total']['p90_ms']:.3f} | "
+                         f"{s['total']['cpu_p50_ms']:.3f} |")
+    ok = [(g, v) for g in result["galleries"] for v in g["variants"] if "stages" in v]
     if ok:
-        best = min(ok, key=lambda v: v["stages"]["total"]["p50_ms"])
+        g, best = min(ok, key=lambda gv: gv[1]["stages"]["total"]["p50_ms"])
         p50 = best["stages"]["total"]["p50_ms"]
         lines += ["", f"**Goal** p50 under {GOAL_MS:g} ms at 1 thread: "
                   f"{'met' if p50 < GOAL_MS else 'not met'} (best {p50:.3f} ms, "
-                  f"{best['backend']} {best['quantization']})."]
+                  f"{best['backend']} {best['quantization']}, {_gallery_label(g)})."]
     return "\n".join(lines)
 
 
 def plot(result: dict):
     plt = pyplot()
-    ok = [v for v in result["variants"] if "stages" in v]
-    fig, ax = plt.subplots(figsize=(6, 0.6 * len(ok) + 1.5))
-    names = [f"{v['backend']} {v['quantization']}" for v in ok]
+    ok = [(g, v) for g in result["galleries"] for v in g["variants"] if "stages" in v]
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(ok) + 1.5))
+    names = [f"{v['backend']} {v['quantization']}\n{_gallery_label(g)}" for g, v in ok]
     left = np.zeros(len(ok))
     for stage in STAGES[:3]:
-        widths = np.array([v["stages"][stage]["p50_ms"] for v in ok])
+        widths = np.array([v["stages"][stage]["p50_ms"] for _, v in ok])
         ax.barh(names, widths, left=left, label=stage)
         left += widths
-    rej = np.array([max(v["stages"]["rejection_p50_ms"], 0.0) for v in ok])
+    rej = np.array([max(v["stages"]["rejection_p50_ms"], 0.0) for _, v in ok])
     ax.barh(names, rej, left=left, label="rejection")
     ax.axvline(GOAL_MS, color="grey", ls="--", label=f"goal {GOAL_MS:g} ms")
     ax.set_xlabel("p50 ms per query (1 thread)")
+    ax.tick_params(axis="y", labelsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -120,8 +149,10 @@ def plot(result: dict):
 @output_options
 @click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path),
               required=True, help="Query bundle (cmce-export output).")
-@click.option("--gallery", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              required=True, help="Gallery in the bundle's space.")
+@click.option("--gallery", "galleries", multiple=True, required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Gallery in the bundle's space (repeatable: e.g. the same items in 10k-item "
+                   "shards and in one shard).")
 @click.option("--images", "source", default="fashion-mnist:test", show_default=True,
               help="Built-in source the query images come from (written as PNG files).")
 @click.option("--queries", "n_queries", default=1000, show_default=True)
@@ -130,7 +161,7 @@ def plot(result: dict):
               help="Rejection threshold: a number or a manifest quantile such as q0.9.")
 @click.option("--work", type=click.Path(path_type=Path), default=None,
               help="Where the PNG query images go [default: <out>/images].")
-def main(smoke, out, results_md, bundle, gallery, source, n_queries, k, reject, work) -> None:
+def main(smoke, out, results_md, bundle, galleries, source, n_queries, k, reject, work) -> None:
     """Per-stage latency of one query through the query SDK at one thread.
 
     \b
@@ -143,26 +174,10 @@ def main(smoke, out, results_md, bundle, gallery, source, n_queries, k, reject, 
     data = load_source(source)
     folder = png_folder(data, n_queries, Path(work or out / "images") / f"{data.name}")
     paths = sorted(folder.glob("*/*.png"))[:n_queries]
-    rows = []
-    searcher = None
-    for backend, quantization in variants(bundle):
-        click.echo(f"{backend} {quantization}", err=True)
-        row = {"backend": backend, "quantization": quantization}
-        try:
-            searcher = Searcher.open(bundle=bundle, gallery=gallery, backend=backend,
-                                     threads=1, quantization=quantization)
-        except BackendError as exc:
-            rows.append({**row, "error": str(exc).split(";")[0]})
-            continue
-        rows.append({**row, "stages": measure(searcher, paths, k, reject)})
-    if searcher is None:
-        raise click.ClickException(f"{bundle}: no query artifact runs on this machine")
-    manifest = searcher.gallery.manifest
+    results = [measure_gallery(bundle, gallery, paths, k, reject) for gallery in galleries]
     result = {"benchmark": "end_to_end", "smoke": smoke, "bundle": str(bundle),
-              "gallery": str(gallery), "gallery_items": searcher.gallery.count,
-              "shards": len(manifest.shards), "ef_search": manifest.hnsw["ef_search"],
-              "queries": len(paths), "query_source": source, "k": k,
-              "max_uncertainty": reject, "threads": 1, "variants": rows, "machine": machine}
+              "galleries": results, "queries": len(paths), "query_source": source, "k": k,
+              "max_uncertainty": reject, "threads": 1, "machine": machine}
     paths_out = write_outputs("end_to_end", result, markdown(result), out, results_md,
                               plot(result))
     click.echo(json.dumps({key: str(v) for key, v in paths_out.items()}))

@@ -71,7 +71,10 @@ def _sign(gallery: Path, key: Path | None) -> None:
               help="Image folder, list file (path[,id[,payload-json]] per line), or a built-in "
                    "split such as fashion-mnist:train.")
 @click.option("--out", required=True, type=PathType, help="Gallery folder to create.")
-@click.option("--shard-size", default=10000, show_default=True, help="Items per shard.")
+@click.option("--shard-size", default=10000, show_default=True,
+              help="Items per shard. Fewer, larger shards search faster (a query visits every "
+                   "shard; cost grows slowly with a shard's size); smaller ones let a phone load "
+                   "a subset, and are the unit of parallel indexing and of --resume.")
 @click.option("--M", "m", default=16, show_default=True, help="HNSW links per node.")
 @click.option("--ef-construction", default=200, show_default=True, help="HNSW build beam.")
 @click.option("--batch-size", default=256, show_default=True, help="Images per model call.")

@@ -81,7 +81,7 @@ def test_build_smoke(digits_run, tmp_path):
 
     _, _, run_dir = digits_run
     data = run_smoke(main, tmp_path, "--run", run_dir, "--images", "digits",
-                     "--engines", "local", "--work", tmp_path / "work")
+                     "--engines", "local", "--large", "--work", tmp_path / "work")
     assert [p["models"] for p in data["points"]] == [1, 2]
     assert data["points"][1]["model_names"] == ["resnet", "widecnn"]
     for point in data["points"]:
@@ -89,6 +89,9 @@ def test_build_smoke(digits_run, tmp_path):
         assert point["images_per_second"] > 0 and point["seconds"] > 0
         assert point["reproject"]["seconds"] > 0 and point["reproject"]["speedup"] > 0
     assert data["ray_start_seconds"] is None
+    large = data["large"]  # one 224x224 RGB model of a backbone's cost: 2.4 G multiply-adds
+    assert large["items"] == 20 and large["input"] == "224x224x3"
+    assert 2.3e3 <= large["mflops"] / 2 <= 2.5e3 and large["reproject"]["speedup"] > 0
 
 
 def test_mobilenet_v3_small_matches_the_published_architecture():
@@ -137,13 +140,15 @@ def test_end_to_end_smoke(digits_bundle, tmp_path):
 
     _, gallery, bundle = digits_bundle
     data = run_smoke(main, tmp_path, "--bundle", bundle, "--gallery", gallery,
-                     "--images", "digits")
-    assert data["gallery_items"] == 1797 and data["queries"] == 30 and data["threads"] == 1
-    assert [(v["backend"], v["quantization"]) for v in data["variants"]] == \
-        [("onnxruntime", "fp32"), ("onnxruntime", "int8")]
-    for v in data["variants"]:
-        for stage in (*STAGES, "total"):
-            assert positive_times(v["stages"][stage]) and v["stages"][stage]["n"] == 30
+                     "--gallery", gallery, "--images", "digits")
+    assert data["queries"] == 30 and data["threads"] == 1 and len(data["galleries"]) == 2
+    for g in data["galleries"]:
+        assert g["items"] == 1797 and g["path"] == str(gallery)
+        assert [(v["backend"], v["quantization"]) for v in g["variants"]] == \
+            [("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+        for v in g["variants"]:
+            for stage in (*STAGES, "total"):
+                assert positive_times(v["stages"][stage]) and v["stages"][stage]["n"] == 30
 
 
 def test_accuracy_smoke(digits_bundle, tmp_path):
