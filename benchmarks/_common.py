@@ -225,3 +225,35 @@ def resolve_outputs(smoke: bool, out: Path | None, results_md: Path | None) -> t
     if results_md is None:
         results_md = out / "RESULTS.md" if smoke else DEFAULT_RESULTS
     return Path(out), Path(results_md)
+
+
+def bundle_variants(bundle: Path) -> list[tuple[str, str]]:
+    """(backend, quantization) of every query artifact of ``bundle`` a backend could run."""
+    from query_sdk.bundle_format import QUERY_ROLE, read_bundle_manifest
+    from query_sdk.runtimes import BACKENDS
+
+    by_target = {target: backend for backend, target in BACKENDS.items()}
+    return [(by_target[a.target], a.quantization) for a in read_bundle_manifest(bundle).artifacts
+            if a.role == QUERY_ROLE and a.target in by_target]
+
+
+def open_searchers(bundle: Path, gallery: Path, threads: int) -> Iterator[tuple[dict, object]]:
+    """For every query artifact of ``bundle``: (row, Searcher), or (row with "error", None)
+    where its backend cannot run here. Raises ClickException if none could be opened."""
+    from query_sdk import Searcher
+    from query_sdk.runtimes import BackendError
+
+    opened = False
+    for backend, quantization in bundle_variants(bundle):
+        click.echo(f"{gallery}: {backend} {quantization}", err=True)
+        row = {"backend": backend, "quantization": quantization}
+        try:
+            searcher = Searcher.open(bundle=bundle, gallery=gallery, backend=backend,
+                                     threads=threads, quantization=quantization)
+        except BackendError as exc:
+            yield {**row, "error": str(exc).split(";")[0]}, None
+            continue
+        opened = True
+        yield row, searcher
+    if not opened:
+        raise click.ClickException(f"{bundle}: no query artifact runs on this machine")

@@ -21,11 +21,15 @@ import numpy as np
 
 from gallery_builder.data import load_source
 from gallery_builder.report import settings_table
-from query_sdk import Searcher
-from query_sdk.runtimes import BackendError
 
-from ._common import machine_info, output_options, pyplot, resolve_outputs, write_outputs
-from .end_to_end import variants
+from ._common import (
+    machine_info,
+    open_searchers,
+    output_options,
+    pyplot,
+    resolve_outputs,
+    write_outputs,
+)
 from .search import real_queries
 
 
@@ -112,21 +116,14 @@ def main(smoke, out, results_md, report_path, bundle, gallery, gallery_images, q
     machine = machine_info()
     gallery_labels = load_source(gallery_images).labels
     rows, searcher = [], None
-    for backend, quantization in variants(bundle):
-        click.echo(f"{backend} {quantization}", err=True)
-        row = {"backend": backend, "quantization": quantization}
-        try:
-            searcher = Searcher.open(bundle=bundle, gallery=gallery, backend=backend,
-                                     threads=2, quantization=quantization)
-        except BackendError as exc:
-            rows.append({**row, "error": str(exc).split(";")[0]})
-            continue
-        data = load_source(source, searcher.spec)
-        queries, labels = data.images[:n_queries], data.labels[:n_queries]
-        found = hit_labels(searcher.search_batch(list(queries), k=1), gallery_labels)
-        rows.append({**row, "recall_at_1": float(np.mean(found == labels))})
-    if searcher is None:
-        raise click.ClickException(f"{bundle}: no query artifact runs on this machine")
+    for row, opened in open_searchers(bundle, gallery, threads=2):
+        if opened is not None:
+            searcher = opened
+            data = load_source(source, searcher.spec)
+            queries, labels = data.images[:n_queries], data.labels[:n_queries]
+            found = hit_labels(searcher.search_batch(list(queries), k=1), gallery_labels)
+            row["recall_at_1"] = float(np.mean(found == labels))
+        rows.append(row)
     reference = real_queries(query_model, query_heads, source, n_queries,
                              searcher.bundle.space_id)
     found = hit_labels(searcher.gallery.search(reference, k=1), gallery_labels)

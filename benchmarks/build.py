@@ -133,6 +133,12 @@ def large_point(query_dir: Path, data: ImageSet, n_images: int, head_images: int
             "input": "224x224x3", **point}
 
 
+def _build_and_reproject_text(point: dict) -> str:
+    return (f"{point['images_per_second']:.1f} images/s ({point['seconds']:.1f} s); reproject "
+            f"{point['reproject']['seconds']:.2f} s ({point['reproject']['speedup']:.1f}× "
+            "faster).")
+
+
 def markdown(result: dict) -> str:
     ray = (f"Ray: a local Ray with {result['ray_cpus']} CPUs and an actor pool of 2 per model "
            f"(so k models want 2k CPUs), up to {result['ray_max_models']} model(s); started "
@@ -155,21 +161,16 @@ def markdown(result: dict) -> str:
             f"{p['seconds']:.1f} | {rp['seconds']:.2f} | {rp['speedup']:.1f}× |" if rp else
             f"| {p['models']} | {p['engine']} | {p['images_per_second']:.0f} | "
             f"{p['seconds']:.1f} | — | — |")
-    full = result.get("full")
+    full, large = result.get("full"), result.get("large")
     if full:
         lines += ["", f"Full point: `{full['source']}` ({full['items']:,} images, built-in "
                   f"arrays, no decoding), {len(result['models'][:3])} models, local engine: "
-                  f"{full['images_per_second']:.0f} images/s ({full['seconds']:.1f} s); "
-                  f"reproject {full['reproject']['seconds']:.1f} s "
-                  f"({full['reproject']['speedup']:.1f}× faster)."]
-    large = result.get("large")
+                  + _build_and_reproject_text(full)]
     if large:
         lines += ["", f"Large point: one gallery model of a backbone's cost (`resnet` family at "
                   f"{large['input']}, {large['mflops'] / 2e3:.1f} G multiply-adds per image, "
                   f"untrained: timing only), {large['images']:,} PNG images: "
-                  f"{large['images_per_second']:.1f} images/s ({large['seconds']:.1f} s); "
-                  f"reproject {large['reproject']['seconds']:.2f} s "
-                  f"({large['reproject']['speedup']:.0f}× faster)."]
+                  + _build_and_reproject_text(large)]
     small = [p["reproject"]["speedup"] for p in result["points"] if p.get("reproject")]
     if full:
         small.append(full["reproject"]["speedup"])

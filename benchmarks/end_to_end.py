@@ -25,12 +25,11 @@ import numpy as np
 
 from gallery_builder.data import load_source
 from query_sdk import Searcher
-from query_sdk.bundle_format import QUERY_ROLE, read_bundle_manifest
 from query_sdk.images import load_image
-from query_sdk.runtimes import BACKENDS, BackendError
 
 from ._common import (
     machine_info,
+    open_searchers,
     output_options,
     png_folder,
     pyplot,
@@ -41,14 +40,6 @@ from ._common import (
 
 STAGES = ("preprocessing", "embedding", "search", "search_with_rejection")
 GOAL_MS = 2.0
-
-
-def variants(bundle: Path) -> list[tuple[str, str]]:
-    """(backend, quantization) of every query artifact a backend here could run."""
-    by_target = {target: backend for backend, target in BACKENDS.items()}
-    manifest = read_bundle_manifest(bundle)
-    return [(by_target[a.target], a.quantization) for a in manifest.artifacts
-            if a.role == QUERY_ROLE and a.target in by_target]
 
 
 def measure(searcher: Searcher, paths: list[Path], k: int, reject: str) -> dict:
@@ -71,18 +62,11 @@ def measure(searcher: Searcher, paths: list[Path], k: int, reject: str) -> dict:
 def measure_gallery(bundle: Path, gallery: Path, paths: list[Path], k: int, reject: str) -> dict:
     """Every runnable query artifact of ``bundle`` against ``gallery``."""
     rows, searcher = [], None
-    for backend, quantization in variants(bundle):
-        click.echo(f"{gallery}: {backend} {quantization}", err=True)
-        row = {"backend": backend, "quantization": quantization}
-        try:
-            searcher = Searcher.open(bundle=bundle, gallery=gallery, backend=backend,
-                                     threads=1, quantization=quantization)
-        except BackendError as exc:
-            rows.append({**row, "error": str(exc).split(";")[0]})
-            continue
-        rows.append({**row, "stages": measure(searcher, paths, k, reject)})
-    if searcher is None:
-        raise click.ClickException(f"{bundle}: no query artifact runs on this machine")
+    for row, opened in open_searchers(bundle, gallery, threads=1):
+        if opened is not None:
+            searcher = opened
+            row["stages"] = measure(searcher, paths, k, reject)
+        rows.append(row)
     manifest = searcher.gallery.manifest
     return {"path": str(gallery), "items": searcher.gallery.count,
             "shards": len(manifest.shards), "ef_search": manifest.hnsw["ef_search"],
