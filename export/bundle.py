@@ -7,6 +7,7 @@ The bundle is written into a temporary sibling folder and renamed into place whe
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from query_sdk.bundle_format import (
     HEAD_ROLE_PREFIX,
+    ORT_OPERATORS_FILE,
     QUERY_ROLE,
     Artifact,
     BundleManifest,
@@ -33,6 +35,8 @@ from query_sdk.bundle_format import (
 from query_sdk.spec import to_model_input
 
 from .calibration import calibration_and_validation
+from .coreml import DEFAULT_DEPLOYMENT_TARGET
+from .coreml import QUANTIZATIONS as COREML_QUANTIZATIONS
 from .errors import ExportError
 from .graph import (
     ModelIO,
@@ -50,7 +54,7 @@ __all__ = ["OFFERED", "ExportPlan", "ExportResult", "export_bundle", "staged_fol
 OFFERED = {
     "onnx": ("fp32", "int8"),
     "executorch": ("fp32", "int8"),
-    "coreml": ("fp32", "fp16", "int8"),
+    "coreml": COREML_QUANTIZATIONS,
 }
 
 
@@ -69,6 +73,8 @@ class ExportPlan:
     gallery: Path | None = None
     gallery_models: list[Path] = field(default_factory=list)  # export their heads too
     force: bool = False
+    coreml_target: str = DEFAULT_DEPLOYMENT_TARGET  # minimum OS of the Core ML artifacts
+    ort_format: bool = False  # also an ORT-format copy of each ONNX artifact
 
 
 @dataclass
@@ -85,13 +91,20 @@ class _Target:
     runtime: str
     input_dtype: str = "uint8"
     max_batch: Callable | None = None  # path -> int
+    deployment_target: str | None = None  # Core ML: the minimum OS
 
 
-def _targets() -> dict[str, _Target]:
+def _targets(coreml_target: str) -> dict[str, _Target]:
     from . import coreml, executorch, onnx
 
     return {
         "onnx": _Target(onnx.export_onnx, onnx.run_onnx, "onnxruntime"),
+        # converts the .onnx file of the same name, exported just before (see _jobs)
+        "ort": _Target(
+            lambda module, io, quant, cal, path: onnx.export_ort(path.with_suffix(".onnx"), path),
+            onnx.run_onnx,
+            "onnxruntime",
+        ),
         "executorch": _Target(
             executorch.export_executorch,
             executorch.run_executorch,
@@ -99,11 +112,12 @@ def _targets() -> dict[str, _Target]:
             max_batch=executorch.max_batch,
         ),
         "coreml": _Target(
-            coreml.export_coreml,
+            functools.partial(coreml.export_coreml, deployment_target=coreml_target),
             coreml.run_coreml if coreml.can_predict() else None,
             "coreml" if coreml.can_predict() else "spec-only",
             input_dtype=coreml.INPUT_DTYPE,
             max_batch=lambda _: coreml.MAX_BATCH,
+            deployment_target=coreml_target,
         ),
     }
 
@@ -132,14 +146,24 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_jobs(jobs: list[tuple[str, str]]) -> None:
-    if not jobs:
+def _jobs(plan: ExportPlan) -> list[tuple[str, str]]:
+    """The plan's (target, quantization) pairs, checked; with ``ort_format`` each ONNX pair is
+    followed by its ORT-format conversion ("ort")."""
+    if not plan.jobs:
         raise ExportError("nothing to export: no (target, quantization) pair was asked for")
-    for target, quant in jobs:
+    for target, quant in plan.jobs:
         if quant not in OFFERED.get(target, ()):
             raise ExportError(
                 f"{target} does not offer {quant}; it offers {', '.join(OFFERED[target])}"
             )
+    if not plan.ort_format:
+        return list(plan.jobs)
+    if not any(target == "onnx" for target, _ in plan.jobs):
+        raise ExportError("--ort-format converts the ONNX artifacts: add --target onnx")
+    jobs = []
+    for target, quant in plan.jobs:
+        jobs += [(target, quant), ("ort", quant)] if target == "onnx" else [(target, quant)]
+    return jobs
 
 
 @dataclass
@@ -157,10 +181,10 @@ class _Subject:
 
 def export_bundle(plan: ExportPlan, progress: bool = True) -> ExportResult:
     """Run the plan; returns the written manifest and per-artifact notes."""
-    _check_jobs(plan.jobs)
+    plan_jobs = _jobs(plan)
     if Path(plan.out).exists() and not plan.force:
         raise ExportError(f"{plan.out} exists; pass --force to replace it")
-    needs_calibration = any(q == "int8" for _, q in plan.jobs)
+    needs_calibration = any(q == "int8" for _, q in plan_jobs)
     if needs_calibration and plan.calibration is None:
         raise ExportError("int8 needs --calibration images (e.g. the training split)")
     source = load_export_source(plan.model_dir, plan.heads_dir)
@@ -205,9 +229,9 @@ def export_bundle(plan: ExportPlan, progress: bool = True) -> ExportResult:
         gallery = GalleryCheck(plan.gallery, source.space_id)
         classes = [val.classes[int(i)] for i in val.labels]
         recall_torch = gallery.recall_at_1(subjects[0].reference, classes)
-    targets = _targets()
+    targets = _targets(plan.coreml_target)
     artifacts, notes = [], {}
-    jobs = [(s, t, q) for s in subjects for t, q in plan.jobs]
+    jobs = [(s, t, q) for s in subjects for t, q in plan_jobs]
     with staged_folder(plan.out, plan.force) as folder:
         for subject, target, quant in tqdm(jobs, desc="export", disable=not progress):
             spec_t = targets[target]
@@ -227,6 +251,11 @@ def export_bundle(plan: ExportPlan, progress: bool = True) -> ExportResult:
             artifacts.append(
                 _artifact(folder, name, target, quant, subject.role, io, validation, spec_t)
             )
+        ort_files = [a.file for a in artifacts if a.target == "ort"]
+        if ort_files:
+            from .onnx import write_required_operators
+
+            write_required_operators(folder, ort_files, ORT_OPERATORS_FILE)
         manifest = BundleManifest(
             space_id=source.space_id,
             mode=source.mode,
@@ -241,6 +270,7 @@ def export_bundle(plan: ExportPlan, progress: bool = True) -> ExportResult:
                 else {"source": plan.calibration, "images": len(cal)},
                 "validation": {"source": plan.validation, "images": len(val)},
                 "recall_at_1_torch": recall_torch,
+                "ort_required_operators": ORT_OPERATORS_FILE if ort_files else None,
             },
         )
         write_bundle_manifest(folder, manifest)
@@ -309,4 +339,5 @@ def _artifact(
         output_shape=list(io.output_shape),
         validation=validation,
         max_batch=None if spec_t.max_batch is None else spec_t.max_batch(folder / name),
+        deployment_target=spec_t.deployment_target,
     )

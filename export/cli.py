@@ -9,12 +9,14 @@ from pathlib import Path
 import click
 
 from gallery_builder.cli import _friendly
+from query_sdk.bundle_format import COREML_DEPLOYMENT_TARGETS, ORT_OPERATORS_FILE
+from query_sdk.bundle_format import QUANTIZATIONS as QUANTS
 
 from .bundle import OFFERED, ExportPlan, export_bundle
+from .coreml import DEFAULT_DEPLOYMENT_TARGET
 
 PathType = click.Path(path_type=Path)
 TARGETS = ("onnx", "executorch", "coreml")
-QUANTS = ("fp32", "fp16", "int8")
 
 
 def _jobs(targets: tuple[str, ...], quants: tuple[str, ...]):
@@ -60,7 +62,20 @@ def _jobs(targets: tuple[str, ...], quants: tuple[str, ...]):
     show_default=True,
     type=click.Choice(["none", *QUANTS, "all"]),
     help="Precision (repeatable). none = fp32. fp16 is Core ML only; int8 is static "
-    "int8 (ONNX QDQ, ExecuTorch PT2E/XNNPACK) or int8 weights (Core ML).",
+    "int8 (ONNX QDQ, ExecuTorch PT2E/XNNPACK) or int8 weights (Core ML); pal6/pal4 (Core ML "
+    "only) store each weight tensor as a 64/16-entry k-means palette of fp16 values.",
+)
+@click.option(
+    "--coreml-target",
+    type=click.Choice(COREML_DEPLOYMENT_TARGETS),
+    help=f"Minimum OS of the Core ML artifacts (default {DEFAULT_DEPLOYMENT_TARGET}; "
+    "macOS13/14/15 are the same Core ML versions as iOS16/17/18). Recorded in the manifest.",
+)
+@click.option(
+    "--ort-format",
+    is_flag=True,
+    help="Also save each ONNX artifact in ONNX Runtime's ORT format (.ort, for reduced "
+    f"mobile builds; validated like the .onnx) and {ORT_OPERATORS_FILE} for such a build.",
 )
 @click.option(
     "--calibration",
@@ -110,6 +125,8 @@ def main(
     heads_dir,
     targets,
     quants,
+    coreml_target,
+    ort_format,
     calibration,
     calibration_images,
     validation,
@@ -131,12 +148,17 @@ def main(
       cmce-export --model runs/demo/models/query --heads runs/demo/heads/unified \\
           --target all --quantize fp32 --quantize int8 --calibration fashion-mnist:train \\
           --validation fashion-mnist:test --gallery gallery/ --out bundle/
-      cmce-export --model q --heads h --target coreml --quantize fp16 --quantize int8 \\
-          --calibration fashion-mnist:train --validation fashion-mnist:test --out ios-bundle/
+      cmce-export --model q --heads h --target coreml --quantize fp16 --quantize pal4 \\
+          --coreml-target iOS16 --validation fashion-mnist:test --out ios-bundle/
+      cmce-export --model q --heads h --target onnx --quantize fp32 --quantize int8 \\
+          --ort-format --calibration fashion-mnist:train --validation fashion-mnist:test \\
+          --out android-bundle/
     """
     jobs, skipped = _jobs(targets, quants)
     for target, quant in skipped:
         click.echo(f"note: {target} does not offer {quant}; left out", err=True)
+    if coreml_target and not any(t == "coreml" for t, _ in jobs):
+        click.echo("note: --coreml-target applies to Core ML artifacts only; none asked", err=True)
     plan = ExportPlan(
         model_dir=model_dir,
         heads_dir=heads_dir,
@@ -149,6 +171,8 @@ def main(
         gallery=gallery,
         gallery_models=list(gallery_models),
         force=force,
+        coreml_target=coreml_target or DEFAULT_DEPLOYMENT_TARGET,
+        ort_format=ort_format,
     )
     result = export_bundle(plan, progress=not as_json)
     manifest = result.manifest
@@ -170,4 +194,8 @@ def main(
         )
         if v.recall_at_1_delta is not None:
             figures += f", Recall@1 {100 * v.recall_at_1_delta:+.2f} pt"
+        if a.deployment_target:
+            figures += f" [{a.deployment_target}]"
         click.echo(f"  {a.file:28s} {a.bytes / 1024:8.1f} KiB  {figures}")
+    if manifest.extra.get("ort_required_operators"):
+        click.echo(f"  reduced ORT build: --include_ops_by_config {out / ORT_OPERATORS_FILE}")

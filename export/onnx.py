@@ -6,10 +6,16 @@ Weights are quantized with ``reduce_range`` (7-bit values in int8): onnxruntime'
 without VNNI multiply uint8 x int8 with an instruction that saturates 16-bit sums, which cost
 the fused int8 graph most of its accuracy (digits model: mean cosine 0.936 -> 0.999 with
 reduce_range; Fashion-MNIST demo: 0.9983 -> 0.9996), while the unfused QDQ graph was accurate.
+
+ORT format (optional): each ONNX file saved again by onnxruntime as ``.ort`` for reduced mobile
+builds, with basic graph optimizations only (constant folding, redundant nodes): no fusions
+specific to the x86 CPU kernels, so any device and execution provider can take it; plus the
+``required_operators.config`` such a build is made with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 from collections.abc import Iterator
@@ -25,7 +31,7 @@ from torch import nn
 from .errors import ExportError, UnsupportedOpError
 from .graph import ModelIO, export_program
 
-__all__ = ["OPSET", "export_onnx", "run_onnx"]
+__all__ = ["OPSET", "export_onnx", "export_ort", "write_required_operators", "run_onnx"]
 
 OPSET = 18
 _BATCH = 256
@@ -101,6 +107,29 @@ def export_onnx(
         raise ExportError(f"onnx: quantization {quantization!r} is not offered (fp32, int8)")
     _session(path)  # every op must have an onnxruntime kernel
     return notes
+
+
+def export_ort(onnx_path: Path, path: Path) -> list[str]:
+    """Write ``path`` (.ort): the ONNX file in ORT format (see the module docstring)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(path)
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    try:
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ExportError(f"{path.name}: onnxruntime could not write ORT format: {exc}") from exc
+    _session(path)
+    return [f"ORT format of {Path(onnx_path).name}, basic graph optimizations"]
+
+
+def write_required_operators(folder: Path, files: list[str], name: str) -> None:
+    """Write ``folder/name``: the operators of the ``.ort`` ``files`` (in ``folder``), the
+    config a reduced ORT build takes (``build.py --include_ops_by_config``)."""
+    from onnxruntime.tools.ort_format_model import create_config_from_models
+
+    with contextlib.chdir(folder):  # the config names the models by their relative paths
+        create_config_from_models([Path(f) for f in files], Path(name), enable_type_reduction=False)
 
 
 def _session(path: Path) -> ort.InferenceSession:

@@ -7,6 +7,8 @@ A bundle is a folder shipped inside an app::
     query.onnx  query.int8.onnx    one file per artifact (ONNX, ExecuTorch ``.pte``)
     query.pte   query.int8.pte
     query.fp16.mlpackage/          Core ML packages are directories
+    query.ort   query.int8.ort     optional ONNX Runtime ORT-format copies of the ONNX files
+    ort-required-operators.config  with them: the operators a reduced ORT build must keep
     head-<gallery model>.onnx ...  optional gallery heads (for devices that enroll items)
 
 ``manifest.json`` (sorted keys, indent 2) holds ``format_version``, ``space_id`` (the same id
@@ -15,7 +17,9 @@ the gallery manifest carries: a searcher refuses a gallery from another space), 
 query model's own), ``input_spec`` (:class:`query_sdk.spec.InputSpec` as a dict),
 ``embedding_dim``, ``query_fingerprint``, ``artifacts`` (see :class:`Artifact`), ``created``
 (ISO 8601 UTC), ``tool_version`` and ``extra`` (free-form). Unknown keys are refused:
-additions go into ``extra`` or bump ``FORMAT_VERSION``.
+additions go into ``extra`` or bump ``FORMAT_VERSION``. Version 2 added the "ort" target, the
+Core ML palettized quantizations "pal6"/"pal4" and the artifacts' ``deployment_target``;
+version 1 manifests are read as they are.
 
 Every query artifact takes the image batch as the app has it (``input_spec``: uint8 NHWC,
 H x W x channels; ``input_dtype`` says when a runtime needs the same pixel values as another
@@ -56,9 +60,12 @@ from query_sdk.spec import InputSpec
 
 __all__ = [
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "MANIFEST_FILE",
     "TARGETS",
     "QUANTIZATIONS",
+    "COREML_DEPLOYMENT_TARGETS",
+    "ORT_OPERATORS_FILE",
     "MODES",
     "TARGET_SUFFIX",
     "QUERY_ROLE",
@@ -76,12 +83,18 @@ __all__ = [
     "utc_now_iso",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
-TARGETS = ("onnx", "executorch", "coreml")
-QUANTIZATIONS = ("fp32", "fp16", "int8")
+TARGETS = ("onnx", "executorch", "coreml", "ort")
+#: most precise first; pal<n> = Core ML weights as 2**n-entry look-up tables (k-means)
+QUANTIZATIONS = ("fp32", "fp16", "int8", "pal6", "pal4")
 MODES = ("unified", "to-query")
-TARGET_SUFFIX = {"onnx": ".onnx", "executorch": ".pte", "coreml": ".mlpackage"}
+TARGET_SUFFIX = {"onnx": ".onnx", "executorch": ".pte", "coreml": ".mlpackage", "ort": ".ort"}
+#: minimum OS versions a Core ML artifact can be built for (coremltools deployment targets)
+COREML_DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
+#: beside "ort" artifacts: the operators a reduced ORT build needs (not an artifact)
+ORT_OPERATORS_FILE = "ort-required-operators.config"
 QUERY_ROLE = "query"
 HEAD_ROLE_PREFIX = "head:"
 INPUT_DTYPES = ("uint8", "int32", "float32", "float16")
@@ -223,7 +236,9 @@ class Artifact:
     ``role`` is "query" (image -> vector in the space) or "head:<gallery model name>" (a
     gallery model's raw embedding -> vector in the space). Shapes use -1 for a dynamic batch;
     ``max_batch`` is the largest batch the artifact takes (None: no limit), so callers split
-    bigger batches.
+    bigger batches. ``deployment_target`` is the minimum OS of a Core ML artifact (one of
+    :data:`COREML_DEPLOYMENT_TARGETS`; None for other targets, and in version 1 manifests,
+    whose Core ML artifacts all targeted iOS17 / macOS14).
     """
 
     target: str
@@ -239,6 +254,7 @@ class Artifact:
     output_shape: list[int]
     validation: Validation
     max_batch: int | None = None
+    deployment_target: str | None = None
 
     _KEYS = (
         "target",
@@ -254,6 +270,7 @@ class Artifact:
         "output_shape",
         "validation",
         "max_batch",
+        "deployment_target",
     )
 
     @property
@@ -280,6 +297,14 @@ class Artifact:
         suffix = TARGET_SUFFIX[target]
         if not file.endswith(suffix) or file == MANIFEST_FILE:
             raise BundleError(f"{where}: file {file!r} of target {target!r} must end in {suffix}")
+        os_target = _get(
+            d,
+            "deployment_target",
+            where,
+            lambda v: v in COREML_DEPLOYMENT_TARGETS and target == "coreml",
+            f"null, or for coreml one of {list(COREML_DEPLOYMENT_TARGETS)}",
+            True,
+        )
         return cls(
             target=target,
             quantization=quant,
@@ -301,6 +326,7 @@ class Artifact:
             max_batch=_get(
                 d, "max_batch", where, lambda v: _is_int(v) and v > 0, "a positive int", True
             ),
+            deployment_target=os_target,
         )
 
 
@@ -345,10 +371,10 @@ class BundleManifest:
         if not isinstance(d, dict):
             raise BundleError(f"{where}: top level must be a JSON object")
         version = _get(d, "format_version", where, _is_int, "an int")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise BundleError(
                 f"{where}: unknown format_version {version}; this reader supports "
-                f"format_version {FORMAT_VERSION}"
+                f"format_version {', '.join(map(str, READABLE_VERSIONS))}"
             )
         _only(d, cls._KEYS, where)
         spec_dict = _get(d, "input_spec", where, lambda v: isinstance(v, dict), "an object")
@@ -410,7 +436,8 @@ def _check_artifacts(artifacts: list[Artifact], spec: InputSpec, dim: int, where
 
 
 def artifact_file_name(target: str, quantization: str, role: str = QUERY_ROLE) -> str:
-    """The conventional file name: ``query.onnx``, ``query.int8.pte``, ``head-vit.fp16.mlpackage``.
+    """The conventional file name: ``query.onnx``, ``query.int8.pte``, ``head-vit.fp16.mlpackage``,
+    ``query.int8.ort``.
 
     fp32 carries no tag, except for Core ML, whose default precision is fp16.
     """

@@ -1,6 +1,7 @@
 """Model runtimes for the exported query model: uint8 NHWC images -> float32 vectors.
 
-``onnxruntime`` (default, torch-free), ``executorch`` (optional: ``pip install
+``onnxruntime`` (default, torch-free; ``onnxruntime-ort`` is the same runtime on the bundle's
+ORT-format copy, as a reduced mobile build would load it), ``executorch`` (optional: ``pip install
 "cmce[executorch]"``; its Python bindings exchange torch tensors, so this backend imports
 torch) and ``coreml`` (macOS only). Every backend runs the bundle artifact as it is: the app
 does no maths (scaling, mean/std and normalisation are inside the model).
@@ -18,7 +19,13 @@ from .bundle_format import Artifact
 
 __all__ = ["BACKENDS", "BackendError", "Runtime", "check_backend", "open_runtime"]
 
-BACKENDS = {"onnxruntime": "onnx", "executorch": "executorch", "coreml": "coreml"}
+#: backend -> the artifact target it runs
+BACKENDS = {
+    "onnxruntime": "onnx",
+    "onnxruntime-ort": "ort",
+    "executorch": "executorch",
+    "coreml": "coreml",
+}
 
 
 class BackendError(RuntimeError):
@@ -156,7 +163,8 @@ class CoreMLRuntime(Runtime):
 
 
 _CLASSES: dict[str, type[Runtime]] = {
-    "onnxruntime": OnnxRuntime, "executorch": ExecuTorchRuntime, "coreml": CoreMLRuntime}
+    "onnxruntime": OnnxRuntime, "onnxruntime-ort": OnnxRuntime, "executorch": ExecuTorchRuntime,
+    "coreml": CoreMLRuntime}
 
 
 def check_backend(backend: str) -> None:

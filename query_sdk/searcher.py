@@ -56,11 +56,13 @@ class Searcher:
     ) -> Searcher:
         """Open a bundle and a gallery; everything is checked before it is used.
 
-        ``backend``: "onnxruntime" (default), "executorch" or "coreml" (macOS).
-        ``quantization``: "fp32", "fp16" or "int8"; default the first the bundle has for the
-        backend in that order. ``public_key`` (hex, bytes or a ``.pub`` file): refuse
-        galleries not signed with it. ``shards``: positions of the shards to load (default
-        all), e.g. to fit a memory budget. ``threads`` is used by the model and the search.
+        ``backend``: "onnxruntime" (default: the ``.onnx`` artifact), "onnxruntime-ort" (the
+        ``.ort`` one), "executorch" or "coreml" (macOS).
+        ``quantization``: one of ``QUANTIZATIONS`` ("fp32", "fp16", "int8", "pal6", "pal4");
+        default the first the bundle has for the backend in that order. ``public_key`` (hex,
+        bytes or a ``.pub`` file): refuse galleries not signed with it. ``shards``: positions
+        of the shards to load (default all), e.g. to fit a memory budget. ``threads`` is used
+        by the model and the search.
 
         Raises BundleError / GalleryError / SignatureError naming the file and problem (a
         gallery from another embedding space names both ids), BackendError when the backend

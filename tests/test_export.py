@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from export.bundle import ExportPlan, export_bundle, staged_folder
+from export.bundle import OFFERED, ExportPlan, export_bundle, staged_folder
 from export.cli import main as export_cli
 from export.coreml import check_package, export_coreml, run_coreml
 from export.errors import ExportError, UnsupportedOpError
@@ -27,6 +27,7 @@ from gallery_builder.data import load_digits
 from gallery_builder.gallery import BuildSettings, build
 from query_sdk.bundle_format import (
     MANIFEST_FILE,
+    ORT_OPERATORS_FILE,
     Artifact,
     BundleError,
     BundleManifest,
@@ -37,6 +38,7 @@ from query_sdk.bundle_format import (
     verify_bundle,
     write_bundle_manifest,
 )
+from query_sdk.searcher import Searcher
 from query_sdk.spec import InputSpec
 
 ALL_JOBS = [
@@ -47,7 +49,10 @@ ALL_JOBS = [
     ("coreml", "fp32"),
     ("coreml", "fp16"),
     ("coreml", "int8"),
+    ("coreml", "pal4"),
 ]
+#: the artifacts of ALL_JOBS with ort_format: each ONNX one followed by its .ort copy
+EXPORTED = [j for t, q in ALL_JOBS for j in ([(t, q), ("ort", q)] if t == "onnx" else [(t, q)])]
 
 
 def _dirs(run_dir: Path) -> tuple[Path, Path, list[Path]]:
@@ -77,6 +82,7 @@ def exported(digits_run, tmp_path_factory):
         n_validation=300,
         gallery=gallery,
         out=root / "bundle",
+        ort_format=True,
     )
     result = export_bundle(plan, progress=False)
     return run_dir, root / "bundle", result, gallery
@@ -98,10 +104,11 @@ def test_manifest_names_the_space_and_the_input(exported):
     assert manifest.query_fingerprint == query_cfg["fingerprint"]
     assert manifest.input_spec == InputSpec.from_dict(query_cfg["input_spec"])
     assert manifest.embedding_dim == heads_cfg["identity"]["dim"]
-    assert [(a.target, a.quantization) for a in manifest.artifacts] == ALL_JOBS
+    assert [(a.target, a.quantization) for a in manifest.artifacts] == EXPORTED
     for a in manifest.artifacts:
         assert a.input_shape == [-1, 8, 8, 1] and a.output_shape == [-1, manifest.embedding_dim]
         assert a.input_dtype == ("float32" if a.target == "coreml" else "uint8")
+        assert a.deployment_target == ("iOS17" if a.target == "coreml" else None)
         assert (a.bytes, a.sha256) == path_digest(bundle / a.file)
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no temp left
 
@@ -115,8 +122,8 @@ def test_fp32_and_int8_match_torch(exported):
     images = load_digits().images[:200]
     with torch.no_grad():
         reference = source.graph(torch.from_numpy(images)).numpy()
-    runners = {"onnx": run_onnx, "executorch": run_executorch}
-    for (target, quant), run in [((t, q), runners[t]) for t, q in ALL_JOBS if t in runners]:
+    runners = {"onnx": run_onnx, "ort": run_onnx, "executorch": run_executorch}
+    for (target, quant), run in [((t, q), runners[t]) for t, q in EXPORTED if t in runners]:
         a = find_artifact(manifest, target, quant)
         v = a.validation
         assert v.images == 300 and v.runtime in ("onnxruntime", "executorch")
@@ -141,17 +148,21 @@ def test_int8_is_smaller(exported):
         int8 = find_artifact(result.manifest, target, "int8").bytes
         # the digits model is tiny: fixed overheads keep the ratio above the 0.35 of real models
         assert int8 < 0.75 * fp32, (target, int8, fp32)
-    assert (
-        find_artifact(result.manifest, "coreml", "int8").bytes
-        < find_artifact(result.manifest, "coreml", "fp16").bytes
-        < find_artifact(result.manifest, "coreml", "fp32").bytes
-    )
+    files = {q: find_artifact(result.manifest, "coreml", q).file for q in OFFERED["coreml"]
+             if q != "pal6"}
+    packages = {q: path_digest(bundle / f)[0] for q, f in files.items()}
+    assert packages["pal4"] < packages["int8"] < packages["fp16"] < packages["fp32"]
+    # the weights alone: 4-bit indices (+ 16-entry tables, 64-byte alignment per tensor) are
+    # 0.20 of fp32 and 0.62 of int8 on this tiny model; the program text is the same in all
+    weights = {q: (bundle / f / "Data/com.apple.CoreML/weights/weight.bin").stat().st_size
+               for q, f in files.items()}
+    assert weights["pal4"] < 0.22 * weights["fp32"] and weights["pal4"] < 0.65 * weights["int8"]
 
 
 def test_coreml_packages_check_out(exported):
     _, bundle, result, _ = exported
     io = query_io(result.manifest.input_spec, result.manifest.embedding_dim, "float32")
-    for quant in ("fp32", "fp16", "int8"):
+    for quant in ("fp32", "fp16", "int8", "pal4"):
         a = find_artifact(result.manifest, "coreml", quant)
         assert check_package(bundle / a.file, io, quant)
         if platform.system() != "Darwin":
@@ -159,6 +170,65 @@ def test_coreml_packages_check_out(exported):
     # a package is compared with what it claims to be: the fp16 one is not int8
     with pytest.raises(ExportError, match="not int8"):
         check_package(bundle / find_artifact(result.manifest, "coreml", "fp16").file, io, "int8")
+    with pytest.raises(ExportError, match="not pal6"):
+        check_package(bundle / find_artifact(result.manifest, "coreml", "pal4").file, io, "pal6")
+
+
+def _luts(package: Path) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, shape) of every look-up table a constexpr_lut_to_dense op expands."""
+    import coremltools as ct
+    from coremltools.optimize.coreml import get_weights_metadata
+
+    model = ct.models.MLModel(str(package), skip_model_load=True)
+    return [
+        (w.val.dtype.name, w.val.shape)
+        for name, w in get_weights_metadata(model, weight_threshold=1).items()
+        for op in w.child_ops
+        if op.op_type == "constexpr_lut_to_dense" and op.params_name_mapping["lut"] == name
+    ]
+
+
+def _spec_version(package: Path) -> int:
+    import coremltools as ct
+
+    return ct.models.MLModel(str(package), skip_model_load=True).get_spec().specificationVersion
+
+
+def test_coreml_palettized_weights_are_16_entry_fp16_tables(exported):
+    _, bundle, result, _ = exported
+    pal4 = find_artifact(result.manifest, "coreml", "pal4")
+    luts = _luts(bundle / pal4.file)
+    # every conv/linear weight of the digits query graph (and T_q) is a 16-entry fp16 palette
+    assert len(luts) >= 3 and set(luts) == {("float16", (16,))}, luts
+    assert not _luts(bundle / find_artifact(result.manifest, "coreml", "int8").file)
+    assert _spec_version(bundle / pal4.file) == 8  # iOS17 / macOS14, the default
+
+
+def test_ort_format_copies_run_like_the_onnx_files(exported):
+    """The .ort files give the .onnx outputs, list their operators, and the SDK runs them."""
+    _, bundle, result, gallery = exported
+    manifest = result.manifest
+    images = load_digits().images[:100]
+    for quant in ("fp32", "int8"):
+        onnx_a, ort_a = (find_artifact(manifest, t, quant) for t in ("onnx", "ort"))
+        assert ort_a.file == onnx_a.file.replace(".onnx", ".ort") and ort_a.bytes > 0
+        assert ort_a.validation.runtime == "onnxruntime" and ort_a.validation.images == 300
+        assert abs(ort_a.validation.cosine_mean - onnx_a.validation.cosine_mean) < 1e-4
+        out = run_onnx(bundle / ort_a.file, images)
+        assert (out * run_onnx(bundle / onnx_a.file, images)).sum(1).min() >= 0.9999
+    assert manifest.extra["ort_required_operators"] == ORT_OPERATORS_FILE
+    config = (bundle / ORT_OPERATORS_FILE).read_text()
+    assert "# - query.int8.ort" in config and "ai.onnx;18;" in config
+    assert "QuantizeLinear" in config  # the int8 graph's operators are listed too
+    # the SDK keeps the .onnx for "onnxruntime" and runs the .ort with "onnxruntime-ort"
+    default = Searcher.open(bundle=bundle, gallery=gallery)
+    ort_searcher = Searcher.open(bundle=bundle, gallery=gallery, backend="onnxruntime-ort",
+                                 quantization="int8")
+    assert default.artifact.file == "query.onnx" and ort_searcher.artifact.file == "query.int8.ort"
+    np.testing.assert_allclose(
+        ort_searcher.embed(images[0]), run_onnx(bundle / "query.int8.onnx", images[:1])[0],
+        atol=1e-5,
+    )
 
 
 @pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML predictions need macOS")
@@ -218,10 +288,16 @@ def test_bundle_manifest_round_trip_and_strict_reading(tmp_path):
     write_bundle_manifest(tmp_path, m)
     assert read_bundle_manifest(tmp_path) == m
     d = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    v1 = json.loads(json.dumps(d))  # a version 1 manifest: no deployment_target
+    v1["format_version"] = 1
+    del v1["artifacts"][0]["deployment_target"]
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(v1))
+    assert read_bundle_manifest(tmp_path).artifacts == m.artifacts
     cases = [
         (lambda d: d.pop("space_id"), "missing key 'space_id'"),
         (lambda d: d.update(colour="red"), r"unknown key\(s\) \['colour'\]"),
-        (lambda d: d.update(format_version=2), "unknown format_version 2"),
+        (lambda d: d.update(format_version=99), "unknown format_version 99"),
+        (lambda d: d["artifacts"][0].update(deployment_target="iOS17"), "'deployment_target'"),
         (lambda d: d["artifacts"][0].update(file="../query.onnx"), None),
         (lambda d: d["artifacts"][0].update(file="query.pte"), "must end in .onnx"),
         (lambda d: d["artifacts"][0].update(sha256="xyz"), "'sha256' must be a hex sha256"),
@@ -280,6 +356,41 @@ def test_cli_refuses_existing_out_without_force(digits_run, tmp_path):
     assert [a["file"] for a in manifest["artifacts"]] == ["query.onnx"]
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE, "query.onnx"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # nothing staged left
+
+
+def test_cli_coreml_target_and_palettization(digits_run, tmp_path):
+    """--coreml-target reaches the package and the manifest; iOS18 palettes are checked too."""
+    _, _, run_dir = digits_run
+    query, heads, _ = _dirs(run_dir)
+    out = tmp_path / "bundle"
+    args = ["--model", str(query), "--heads", str(heads), "--target", "coreml", "--target", "onnx",
+            "--quantize", "pal6", "--coreml-target", "iOS18", "--validation", "digits",
+            "--validation-images", "256", "--out", str(out)]
+    result = CliRunner().invoke(export_cli, args)
+    assert result.exit_code == 0, result.output
+    assert "note: onnx does not offer pal6; left out" in result.output
+    assert "query.pal6.mlpackage" in result.output and "[iOS18]" in result.output
+    (a,) = read_bundle_manifest(out).artifacts
+    assert (a.target, a.file, a.deployment_target) == ("coreml", "query.pal6.mlpackage", "iOS18")
+    assert _spec_version(out / a.file) == 9  # iOS18 / macOS15
+    luts = _luts(out / a.file)  # iOS18 tables: (..., 64 entries, vector size 1)
+    assert luts and {(dtype, shape[-2:]) for dtype, shape in luts} == {("float16", (64, 1))}
+
+
+def test_cli_refuses_options_without_their_target(digits_run, tmp_path):
+    _, _, run_dir = digits_run
+    query, heads, _ = _dirs(run_dir)
+    args = ["--model", str(query), "--heads", str(heads), "--validation", "digits",
+            "--out", str(tmp_path / "b")]
+    result = CliRunner().invoke(export_cli, [*args, "--target", "onnx", "--quantize", "pal4"])
+    assert result.exit_code == 1
+    assert "onnx does not offer pal4; left out" in result.output
+    assert "nothing to export" in result.output
+    result = CliRunner().invoke(export_cli, [*args, "--target", "coreml", "--ort-format"])
+    assert result.exit_code == 1 and "--ort-format converts the ONNX artifacts" in result.output
+    result = CliRunner().invoke(export_cli, [*args, "--coreml-target", "iOS15"])
+    assert result.exit_code == 2 and "'iOS15' is not one of" in result.output
+    assert not (tmp_path / "b").exists()
 
 
 def test_failed_export_leaves_nothing(tmp_path):
