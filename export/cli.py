@@ -4,6 +4,9 @@ artifacts, quantized and numerically checked, in one query bundle."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import warnings
 from pathlib import Path
 
 import click
@@ -17,6 +20,18 @@ from .coreml import DEFAULT_DEPLOYMENT_TARGET
 
 PathType = click.Path(path_type=Path)
 TARGETS = ("onnx", "executorch", "coreml")
+
+
+def _quiet_third_party() -> None:
+    """Hide the exporters' own chatter that says nothing about this export (optional kernels
+    torchao cannot load, torchvision ops torch.onnx skips, deprecation notices); CMCE_DEBUG=1
+    shows it all."""
+    if os.environ.get("CMCE_DEBUG"):
+        return
+    for name in ("torchao", "torch.utils._pytree", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def _jobs(targets: tuple[str, ...], quants: tuple[str, ...]):
@@ -154,6 +169,7 @@ def main(
           --ort-format --calibration fashion-mnist:train --validation fashion-mnist:test \\
           --out android-bundle/
     """
+    _quiet_third_party()
     jobs, skipped = _jobs(targets, quants)
     for target, quant in skipped:
         click.echo(f"note: {target} does not offer {quant}; left out", err=True)
