@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .bundle_format import BundleError
+from .bundle_format import QUANTIZATIONS, BundleError
 from .gallery_format import GalleryError
 from .images import ImageError
 from .runtimes import BACKENDS, BackendError
@@ -63,7 +63,7 @@ def _uncertainty(_ctx, _param, value: str | None) -> float | str | None:
                    "of the gallery's uncertainties such as q0.9.")
 @click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="onnxruntime",
               show_default=True, help="Model runtime (coreml: macOS only).")
-@click.option("--quantization", type=click.Choice(["fp32", "fp16", "int8"]),
+@click.option("--quantization", type=click.Choice(QUANTIZATIONS),
               help="Which exported model to run (default: the most precise in the bundle).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="Threads for the model and the search.")
