@@ -13,7 +13,7 @@ per-node stack traces and doc strings): a third of a small int8 model's file oth
 ORT format (optional): each ONNX file saved again by onnxruntime as ``.ort`` for reduced mobile
 builds, with basic graph optimizations only (constant folding, redundant nodes): no fusions
 specific to the x86 CPU kernels, so any device and execution provider can take it; plus the
-``required_operators.config`` such a build is made with.
+operators config (``ort-required-operators.config``) such a build is made with.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -115,8 +116,6 @@ def export_onnx(
 
 def _strip_debug_info(path: Path) -> None:
     """Rewrite ``path`` without value_info, node metadata and doc strings (not needed to run)."""
-    import onnx
-
     model = onnx.load(str(path))
     del model.graph.value_info[:]
     for node in model.graph.node:
