@@ -9,6 +9,8 @@ through its head (N = 1); ``MODE:ensemble`` all N, fused; MODE in ``unified`` / 
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,17 +39,31 @@ __all__ = ["run_experiment"]
 class _Embeddings:
     """A model's embeddings of the train (plus mirrored), gallery and query images."""
 
-    def __init__(self, model, splits: Splits, name: str, with_train: bool = True) -> None:
-        self.train = (torch.cat([embed(model, splits.train.images, progress=f"{name} train"),
-                                 embed(model, splits.train.images, flip=True)])
-                      if with_train else None)
+    def __init__(self, model, splits: Splits, name: str) -> None:
+        self.train = torch.cat([embed(model, splits.train.images, progress=f"{name} train"),
+                                embed(model, splits.train.images, flip=True)])
         self.gallery = embed(model, splits.gallery.images)
         self.query = embed(model, splits.query.images)
+
+
+class _Stopwatch:
+    """Wall-clock seconds per stage of a run: logged as each ends, kept for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[stage] = round(time.perf_counter() - start, 1)
+        log.info("%s: %.0f s", stage, self.seconds[stage])
 
 
 def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
     """Train (or reuse) every model, evaluate every setting; returns the report dict."""
     out = Path(out)
+    stage = _Stopwatch()
     models_dir = out / "models"
     splits = load_splits(cfg)
     log.info(splits.protocol)
@@ -56,16 +72,20 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
     gl = torch.as_tensor(splits.gallery.labels)
     ql = torch.as_tensor(splits.query.labels)
 
-    gallery = {ms.name: get_model(ms, cfg, splits.train, models_dir, "gallery")
-               for ms in cfg.gallery_models}
-    query, query_cfg = get_model(cfg.query_model, cfg, splits.train, models_dir, "query")
-    old_query, _ = get_model(cfg.old_query_model, cfg, splits.train, models_dir, "query")
-    distilled = {g: get_distilled(cfg.query_model, g, m, c["fingerprint"], cfg, splits.train,
-                                  models_dir) for g, (m, c) in gallery.items()}
-
-    eg = {g: _Embeddings(m, splits, g) for g, (m, _) in gallery.items()}
-    eq = _Embeddings(query, splits, "query")
-    eoq = _Embeddings(old_query, splits, "query-old")
+    with stage("gallery models"):
+        gallery = {ms.name: get_model(ms, cfg, splits.train, models_dir, "gallery")
+                   for ms in cfg.gallery_models}
+    with stage("query models"):
+        query, query_cfg = get_model(cfg.query_model, cfg, splits.train, models_dir, "query")
+        old_query, _ = get_model(cfg.old_query_model, cfg, splits.train, models_dir, "query")
+    with stage("embeddings"):
+        eg = {g: _Embeddings(m, splits, g) for g, (m, _) in gallery.items()}
+        eq = _Embeddings(query, splits, "query")
+        eoq = _Embeddings(old_query, splits, "query-old")
+    with stage("distilled models"):
+        distilled = {g: get_distilled(cfg.query_model, g, eg[g].train, c["fingerprint"], cfg,
+                                      splits.train, models_dir)
+                     for g, (_, c) in gallery.items()}
     raw_train = {g: e.train for g, e in eg.items()}
     raw_gallery = {g: e.gallery for g, e in eg.items()}
 
@@ -82,9 +102,10 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
     first: dict[str, tuple[HeadSet, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for mode in MODES:
         for seed in cfg.head_seeds:
-            heads = train_heads(mode, raw_train, eq.train, train_labels,
-                                replace(cfg.heads, seed=seed),
-                                dim=cfg.unified_dim if mode == "unified" else None)
+            with stage(f"{mode} heads, seed {seed}"):
+                heads = train_heads(mode, raw_train, eq.train, train_labels,
+                                    replace(cfg.heads, seed=seed),
+                                    dim=cfg.unified_dim if mode == "unified" else None)
             qv = heads.encode_query(eq.query)
             for g in gallery:
                 gv, _ = heads.encode_gallery(raw_gallery, [g])
@@ -103,10 +124,11 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
 
     default_mode = max(MODES, key=lambda m: settings[f"{m}:ensemble"]["recall_at_1"])
     heads, gv, unc, qv = first[default_mode]
-    rejection = _rejection(gv, unc, qv, gl, ql)
-
-    update = {"mode": default_mode, "modes": _update_study(
-        cfg, raw_train, raw_gallery, eq, eoq, train_labels, gl, ql, first)}
+    with stage("rejection"):
+        rejection = _rejection(gv, unc, qv, gl, ql)
+    with stage("update study"):
+        update = {"mode": default_mode, "modes": _update_study(
+            cfg, raw_train, raw_gallery, eq, eoq, train_labels, gl, ql, first)}
     update.update(update["modes"][default_mode])
 
     models = {name: {"params": c["params"], "mflops": c["mflops"],
@@ -123,6 +145,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
         "update": update,
         "models": models,
         "head_seeds": list(cfg.head_seeds),
+        "stage_seconds": stage.seconds,
         "sizes": {"train": len(splits.train), "gallery": len(splits.gallery),
                   "query": len(splits.query)},
     }
