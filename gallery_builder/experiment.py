@@ -184,18 +184,18 @@ def get_model(ms: ModelSpec, cfg: ExperimentConfig, train: ImageSet, models_dir:
     return model.eval(), config
 
 
-def get_distilled(ms: ModelSpec, teacher_name: str, teacher_train: torch.Tensor, teacher_fp: str,
-                  cfg: ExperimentConfig, train: ImageSet,
-                  models_dir: Path) -> tuple[EmbeddingNet, dict]:
+def get_distilled(ms: ModelSpec, teacher_name: str, teacher_train: torch.Tensor,
+                  teacher_mirrored: torch.Tensor, teacher_fp: str, cfg: ExperimentConfig,
+                  train: ImageSet, models_dir: Path) -> tuple[EmbeddingNet, dict]:
     """The knowledge-distillation baseline: ``ms``'s architecture regressing a teacher.
 
-    ``teacher_train`` holds the teacher's embeddings of the training images followed by those
-    of their mirror images (2N rows), as the evaluation computes them once for the heads too.
+    ``teacher_train`` and ``teacher_mirrored`` hold the teacher's embeddings of the training
+    images and of their mirror images (the evaluation computes them once for the heads too).
     """
     n = len(train)
-    if len(teacher_train) != 2 * n:
-        raise ValueError(f"{teacher_name}: {len(teacher_train)} teacher embeddings, expected "
-                         f"{2 * n} (the {n} training images, then their mirror images)")
+    if len(teacher_train) != n or len(teacher_mirrored) != n:
+        raise ValueError(f"{teacher_name}: {len(teacher_train)} and {len(teacher_mirrored)} "
+                         f"teacher embeddings for {n} training images")
     ms = replace(ms, name=f"kd-{teacher_name}", embedding_dim=teacher_train.shape[1])
     identity = registered_identity(ms.architecture, cfg.spec, ms.embedding_dim, **ms.kwargs)
     training = {"data": train.name, "images": n, "loss": "distill_l2",
@@ -205,7 +205,7 @@ def get_distilled(ms: ModelSpec, teacher_name: str, teacher_train: torch.Tensor,
         return hit
     torch.manual_seed(ms.train.seed)
     model = create_model(ms.architecture, cfg.spec, ms.embedding_dim, **ms.kwargs)
-    train_distilled(model, train.images, teacher_train[:n], teacher_train[n:], ms.train,
+    train_distilled(model, train.images, teacher_train, teacher_mirrored, ms.train,
                     desc=ms.name)
     config = save_model(path, model, identity, "query", training)
     return model.eval(), config

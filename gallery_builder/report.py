@@ -62,6 +62,8 @@ def markdown(report: dict) -> str:
         + (f"similarity {qt['aurc_similarity']:.4f}, combined {qt['aurc_combined']:.4f}"
            if v == "query_time" else "") + " |" for v, what in views.items())
     fewer = 100 * (1 - err90 / err_full) if err_full else 0.0
+    stages = report.get("stage_seconds", {})
+    time_rows = "\n".join(f"| {name} | {sec:.0f} |" for name, sec in stages.items())
     return f"""# cmce report: {report['dataset']}
 
 Protocol: {report['protocol']}. Exact search, cosine similarity. Settings with heads are the
@@ -106,6 +108,14 @@ new gallery heads re-project the stored raw gallery embeddings).
 | mode | old query Recall@1 (%) | new query Recall@1 (%) |
 |---|---|---|
 {upd_rows}
+
+## Where the time went
+
+Wall-clock seconds per stage (models found in the cache count as 0).
+
+| stage | seconds |
+|---|---|
+{time_rows}
 """
 
 

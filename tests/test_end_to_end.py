@@ -79,6 +79,10 @@ def test_artifacts_are_written(run):
             assert im.format == "PNG" and im.width > 400
     md = (out / "report.md").read_text()
     assert f"**{report['default_mode']}:ensemble**" in md
+    stages = report["stage_seconds"]  # trained from scratch here, so each stage took time
+    assert {"gallery models", "embeddings", "distilled models", "update study"} <= set(stages)
+    assert stages["gallery models"] > 0 and stages["distilled models"] > 0
+    assert f"| gallery models | {stages['gallery models']:.0f} |" in md
     heads, config = load_heads(out / "heads" / "unified")
     assert config["space_id"].startswith("unified-") and heads.mode == "unified"
     assert (out / "models" / "query" / "weights.safetensors").is_file()
