@@ -332,7 +332,7 @@ def train_kd(teacher, arch, kwargs, **opts) -> None:
 @click.option("--data", "source", default="fashion-mnist:train", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--dim", default=128, show_default=True, help="Shared space dim (unified).")
-@click.option("--epochs", default=15, show_default=True)
+@click.option("--epochs", default=10, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @_friendly
 def train_heads_cmd(mode, query_dir, gallery_dirs, source, out, dim, epochs, seed) -> None:
@@ -351,15 +351,16 @@ def train_heads_cmd(mode, query_dir, gallery_dirs, source, out, dim, epochs, see
     from .data import load_source
     from .heads import HeadSettings, save_heads, train_heads
     from .models import load_model
+    from .train import embed
 
     query, qcfg = load_model(query_dir)
     gallery = {Path(d).name: load_model(d) for d in gallery_dirs}
     images = load_source(source, query.input_spec)
-    raw = {n: _embed_both(m, load_source(source, m.input_spec).images)
+    raw = {n: embed(m, load_source(source, m.input_spec).images, progress=n)
            for n, (m, _) in gallery.items()}
-    labels = torch.as_tensor(images.labels).repeat(2)
+    labels = torch.as_tensor(images.labels)
     settings = HeadSettings(epochs=epochs, seed=seed)
-    heads = train_heads(mode, raw, _embed_both(query, images.images), labels, settings,
+    heads = train_heads(mode, raw, embed(query, images.images), labels, settings,
                         dim=dim if mode == "unified" else None)
     config = save_heads(out, heads, qcfg["fingerprint"],
                         {n: c["fingerprint"] for n, (_, c) in gallery.items()}, settings,
@@ -376,7 +377,7 @@ def train_heads_cmd(mode, query_dir, gallery_dirs, source, out, dim, epochs, see
 @click.option("--data", "source", default="fashion-mnist:train", show_default=True,
               help="The training images the heads were trained on.")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
-@click.option("--epochs", default=15, show_default=True)
+@click.option("--epochs", default=10, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @_friendly
 def train_update(heads_dir, query_dir, source, out, epochs, seed) -> None:
@@ -392,20 +393,21 @@ def train_update(heads_dir, query_dir, source, out, epochs, seed) -> None:
     from .data import load_source
     from .heads import HeadSettings, load_heads, save_heads, train_heads, train_query_head
     from .models import load_model
+    from .train import embed
 
     heads, hcfg = load_heads(heads_dir)
     query, qcfg = load_model(query_dir)
     stored = load_file(Path(heads_dir) / EMBEDDINGS_FILE)
     raw = {n: stored[f"gallery.{n}"].float() for n in heads.names}
     images = load_source(source, query.input_spec)
-    if 2 * len(images) != len(stored["labels"]):
+    if len(images) != len(stored["labels"]):
         raise ValueError(f"{source} has {len(images)} images; the heads were trained on "
-                         f"{len(stored['labels']) // 2}")
+                         f"{len(stored['labels'])}")
     labels = stored["labels"].long()
-    if not torch.equal(labels[: len(images)], torch.as_tensor(images.labels)):
+    if not torch.equal(labels, torch.as_tensor(images.labels)):
         raise ValueError(f"{source} is not the data the heads in {heads_dir} were trained on")
     settings = HeadSettings(epochs=epochs, seed=seed)
-    q = _embed_both(query, images.images)
+    q = embed(query, images.images)
     new = (train_query_head(heads, raw, q, labels, settings) if heads.mode == "unified"
            else train_heads("to-query", raw, q, labels, settings))
     gallery_fps = {g["name"]: g["fingerprint"] for g in hcfg["gallery_models"]}
@@ -416,14 +418,6 @@ def train_update(heads_dir, query_dir, source, out, epochs, seed) -> None:
     click.echo(f"wrote {out} (space_id {config['space_id']}: "
                + ("unchanged, the gallery stays as it is)" if same else
                   "new; re-project the gallery with these heads)"))
-
-
-def _embed_both(model, images):
-    import torch
-
-    from .train import embed
-
-    return torch.cat([embed(model, images), embed(model, images, flip=True)])
 
 
 def _save_embeddings(path: Path, raw: dict, labels) -> None:

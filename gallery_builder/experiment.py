@@ -81,8 +81,7 @@ def _fashion_mnist_preset(epochs_g: int, epochs_q: int, head_epochs: int, **limi
         old_query_model=ModelSpec("query-old", "mobilenet", 64, {"width": 16},
                                   TrainSettings(epochs=max(1, epochs_q // 2), seed=22),
                                   subset=0.5),
-        # hidden 256: a fifth of the 512-wide heads' training time, the same ranking of settings
-        heads=HeadSettings(epochs=head_epochs, hidden=256),
+        heads=HeadSettings(epochs=head_epochs),
         **limits,
     )
 
