@@ -88,7 +88,7 @@ def _fashion_mnist_preset(epochs_g: int, epochs_q: int, head_epochs: int, **limi
 
 PRESETS = {
     "default": lambda: _fashion_mnist_preset(3, 6, 10),
-    "quick": lambda: _fashion_mnist_preset(1, 2, 4, train_limit=5000, gallery_limit=2000,
+    "quick": lambda: _fashion_mnist_preset(1, 2, 20, train_limit=5000, gallery_limit=2000,
                                            query_limit=2000),
     "digits": lambda: ExperimentConfig(
         dataset="digits",
