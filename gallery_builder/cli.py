@@ -397,7 +397,13 @@ def train_update(heads_dir, query_dir, source, out, epochs, seed) -> None:
 
     heads, hcfg = load_heads(heads_dir)
     query, qcfg = load_model(query_dir)
-    stored = load_file(Path(heads_dir) / EMBEDDINGS_FILE)
+    stored_path = Path(heads_dir) / EMBEDDINGS_FILE
+    if not stored_path.is_file():
+        raise ValueError(
+            f"{heads_dir} has no {EMBEDDINGS_FILE}: `cmce train update` re-uses the gallery "
+            "models' embeddings that `cmce train heads` stores beside its heads (the demo's "
+            "heads folders do not keep them); train the heads with `cmce train heads` first")
+    stored = load_file(stored_path)
     raw = {n: stored[f"gallery.{n}"].float() for n in heads.names}
     images = load_source(source, query.input_spec)
     if len(images) != len(stored["labels"]):

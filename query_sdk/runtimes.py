@@ -117,6 +117,9 @@ class ExecuTorchRuntime(Runtime):
     def __init__(self, path: Path, artifact: Artifact, threads: int) -> None:
         super().__init__(path, artifact, threads)
         try:
+            # ExecuTorch's Python runtime is built on torch (importing it loads torch) and
+            # takes only torch tensors: the one backend that is not torch-free. On a phone,
+            # the ExecuTorch C++ runtime runs the same .pte without torch.
             import torch
             from executorch.extension.pybindings import portable_lib
             from executorch.runtime import Runtime as ETRuntime

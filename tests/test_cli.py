@@ -58,6 +58,36 @@ def test_update_keeps_the_space(trained):
     assert "unchanged" in r.output
 
 
+
+def test_update_refuses_heads_without_stored_embeddings(trained, tmp_path):
+    bare = tmp_path / "heads"
+    bare.mkdir()
+    for name in ("config.json", "weights.safetensors"):
+        (bare / name).write_bytes((trained / "heads" / name).read_bytes())
+    r = CliRunner().invoke(main, ["train", "update", "--heads", str(bare), "--query",
+                                  str(trained / "query-new"), "--data", "digits",
+                                  "--out", str(tmp_path / "out")])
+    assert r.exit_code == 1
+    assert "has no train-embeddings.safetensors" in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_update_refuses_other_training_data(trained, tmp_path):
+    from PIL import Image
+
+    digits = data_module.load_digits()
+    for i in range(20):
+        folder = tmp_path / "images" / str(digits.labels[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digits.images[i, :, :, 0]).save(folder / f"{i}.png")
+    r = CliRunner().invoke(main, ["train", "update", "--heads", str(trained / "heads"),
+                                  "--query", str(trained / "query-new"),
+                                  "--data", str(tmp_path / "images"),
+                                  "--out", str(tmp_path / "out")])
+    assert r.exit_code == 1
+    assert "has 20 images; the heads were trained on 1797" in r.output
+    assert not (tmp_path / "out").exists()
+
 def test_eval_json(trained):
     r = invoke("eval", "--query", trained / "query", "--heads", trained / "heads",
                "--gallery-model", trained / "resnet", "--gallery-model", trained / "widecnn",
