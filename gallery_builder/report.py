@@ -111,7 +111,7 @@ new gallery heads re-project the stored raw gallery embeddings).
 
 ## Where the time went
 
-Wall-clock seconds per stage (models found in the cache count as 0).
+Wall-clock seconds per stage (models found in the cache take next to none).
 
 | stage | seconds |
 |---|---|

@@ -58,7 +58,6 @@ def test_update_keeps_the_space(trained):
     assert "unchanged" in r.output
 
 
-
 def test_update_refuses_heads_without_stored_embeddings(trained, tmp_path):
     bare = tmp_path / "heads"
     bare.mkdir()
@@ -87,6 +86,7 @@ def test_update_refuses_other_training_data(trained, tmp_path):
     assert r.exit_code == 1
     assert "has 20 images; the heads were trained on 1797" in r.output
     assert not (tmp_path / "out").exists()
+
 
 def test_eval_json(trained):
     r = invoke("eval", "--query", trained / "query", "--heads", trained / "heads",
