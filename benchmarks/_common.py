@@ -26,19 +26,43 @@ from pathlib import Path
 import click
 import numpy as np
 
-__all__ = ["machine_info", "machine_markdown", "percentiles", "timed", "rss_bytes",
-           "blas_threads", "png_folder", "write_outputs", "pyplot", "output_options",
-           "resolve_outputs", "CACHE_DIR", "DEFAULT_OUT", "DEFAULT_RESULTS"]
+__all__ = [
+    "machine_info",
+    "machine_markdown",
+    "percentiles",
+    "timed",
+    "rss_bytes",
+    "blas_threads",
+    "png_folder",
+    "write_outputs",
+    "pyplot",
+    "output_options",
+    "resolve_outputs",
+    "CACHE_DIR",
+    "DEFAULT_OUT",
+    "DEFAULT_RESULTS",
+]
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
 DEFAULT_RESULTS = HERE / "RESULTS.md"
 CACHE_DIR = Path(os.environ.get("CMCE_BENCH_CACHE", Path.home() / ".cache" / "cmce" / "bench"))
-LIBRARIES = ("numpy", "torch", "hnswlib", "faiss-cpu", "onnxruntime", "executorch", "torchao",
-             "ray", "cmce")
+LIBRARIES = (
+    "numpy",
+    "torch",
+    "hnswlib",
+    "faiss-cpu",
+    "onnxruntime",
+    "executorch",
+    "torchao",
+    "ray",
+    "cmce",
+)
 ORDER = ("latency", "search", "end_to_end", "build", "accuracy")  # sections in RESULTS.md
-RESULTS_TITLE = "# Benchmark results\n\nWritten by `python -m benchmarks.NAME`; each section " \
-                "names the machine and the command that produced it.\n"
+RESULTS_TITLE = (
+    "# Benchmark results\n\nWritten by `python -m benchmarks.NAME`; each section "
+    "names the machine and the command that produced it.\n"
+)
 
 
 def _cpu_model() -> str:
@@ -66,7 +90,8 @@ def machine_info() -> dict:
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        "cores_usable": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "os": f"{platform.system()} {platform.release()}",
@@ -82,20 +107,27 @@ def machine_markdown(machine: dict) -> str:
     load = " / ".join(f"{x:.2f}" for x in machine["load_average"])
     end = machine.get("load_average_end")
     load_end = f"; {' / '.join(f'{x:.2f}' for x in end)} at the end" if end else ""
-    return (f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['os']}, Python "
-            f"{machine['python']}), {machine['date']}. Load average (1/5/15 min) "
-            f"{load} at the start{load_end}: the machine is shared with other jobs, so "
-            f"absolute times are pessimistic and noisy; ratios within one run are the "
-            f"robust figures. Libraries: {libs}.")
+    return (
+        f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['os']}, Python "
+        f"{machine['python']}), {machine['date']}. Load average (1/5/15 min) "
+        f"{load} at the start{load_end}: the machine is shared with other jobs, so "
+        f"absolute times are pessimistic and noisy; ratios within one run are the "
+        f"robust figures. Libraries: {libs}."
+    )
 
 
-def percentiles(seconds: list[float] | np.ndarray,
-                cpu_seconds: list[float] | np.ndarray | None = None) -> dict[str, float]:
+def percentiles(
+    seconds: list[float] | np.ndarray, cpu_seconds: list[float] | np.ndarray | None = None
+) -> dict[str, float]:
     """p50 / p90 / mean wall time in milliseconds, the number of samples, and the p50 of the
     process CPU time (on a busy machine wall time also holds waits for a core; CPU time not)."""
     ms = np.asarray(seconds, np.float64) * 1e3
-    out = {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-           "mean_ms": float(ms.mean()), "n": int(len(ms))}
+    out = {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "mean_ms": float(ms.mean()),
+        "n": int(len(ms)),
+    }
     if cpu_seconds is not None:
         out["cpu_p50_ms"] = float(np.percentile(np.asarray(cpu_seconds) * 1e3, 50))
     return out
@@ -126,8 +158,9 @@ def png_folder(data, n: int, dest: Path) -> Path:
     for i in range(min(n, len(data))):
         folder = dest / str(int(data.labels[i]))
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(data.images[i].squeeze(-1) if data.images[i].shape[-1] == 1
-                        else data.images[i]).save(folder / f"{i:06d}.png")
+        Image.fromarray(
+            data.images[i].squeeze(-1) if data.images[i].shape[-1] == 1 else data.images[i]
+        ).save(folder / f"{i:06d}.png")
     done.write_text(f"{data.name} {n}")
     return dest
 
@@ -178,8 +211,9 @@ def _command(name: str) -> str:
     return " ".join([f"python -m benchmarks.{name}", *map(shlex.quote, sys.argv[1:])])
 
 
-def write_outputs(name: str, result: dict, section: str, out: Path, results_md: Path,
-                  figure=None) -> dict[str, Path]:
+def write_outputs(
+    name: str, result: dict, section: str, out: Path, results_md: Path, figure=None
+) -> dict[str, Path]:
     """Write ``<out>/<name>.json`` (+ ``.png`` from ``figure``) and ``name``'s RESULTS.md
     section (the machine paragraph is appended to ``section``). Returns the paths."""
     out = Path(out)
@@ -197,8 +231,7 @@ def write_outputs(name: str, result: dict, section: str, out: Path, results_md: 
         rel = os.path.relpath(paths["png"], results_md.parent)
         plot = f"\n\n![{name}]({rel})"
     command = result.setdefault("command", _command(name))
-    body = (f"{section.strip()}{plot}\n\nCommand: `{command}`. "
-            f"{machine_markdown(result['machine'])}")
+    body = f"{section.strip()}{plot}\n\nCommand: `{command}`. {machine_markdown(result['machine'])}"
     paths["json"].write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     results_md.parent.mkdir(parents=True, exist_ok=True)
     results_md.write_text(_replace_section(text, name, body))
@@ -208,14 +241,24 @@ def write_outputs(name: str, result: dict, section: str, out: Path, results_md: 
 
 def output_options(fn):
     """``--smoke``, ``--out`` and ``--results`` for every benchmark command."""
-    fn = click.option("--results", "results_md", type=click.Path(path_type=Path),
-                      default=None, help="RESULTS.md to update [default: benchmarks/RESULTS.md; "
-                      "with --smoke: <out>/RESULTS.md].")(fn)
-    fn = click.option("--out", type=click.Path(path_type=Path), default=None,
-                      help="Folder for the JSON and PNG [default: benchmarks/results; with "
-                      "--smoke: benchmarks/results/smoke].")(fn)
-    return click.option("--smoke", is_flag=True,
-                        help="Tiny sizes: checks that the benchmark runs (CI), in seconds.")(fn)
+    fn = click.option(
+        "--results",
+        "results_md",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="RESULTS.md to update [default: benchmarks/RESULTS.md; "
+        "with --smoke: <out>/RESULTS.md].",
+    )(fn)
+    fn = click.option(
+        "--out",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Folder for the JSON and PNG [default: benchmarks/results; with "
+        "--smoke: benchmarks/results/smoke].",
+    )(fn)
+    return click.option(
+        "--smoke", is_flag=True, help="Tiny sizes: checks that the benchmark runs (CI), in seconds."
+    )(fn)
 
 
 def resolve_outputs(smoke: bool, out: Path | None, results_md: Path | None) -> tuple[Path, Path]:
@@ -233,8 +276,11 @@ def bundle_variants(bundle: Path) -> list[tuple[str, str]]:
     from query_sdk.runtimes import BACKENDS
 
     by_target = {target: backend for backend, target in BACKENDS.items()}
-    return [(by_target[a.target], a.quantization) for a in read_bundle_manifest(bundle).artifacts
-            if a.role == QUERY_ROLE and a.target in by_target]
+    return [
+        (by_target[a.target], a.quantization)
+        for a in read_bundle_manifest(bundle).artifacts
+        if a.role == QUERY_ROLE and a.target in by_target
+    ]
 
 
 def open_searchers(bundle: Path, gallery: Path, threads: int) -> Iterator[tuple[dict, object]]:
@@ -248,8 +294,13 @@ def open_searchers(bundle: Path, gallery: Path, threads: int) -> Iterator[tuple[
         click.echo(f"{gallery}: {backend} {quantization}", err=True)
         row = {"backend": backend, "quantization": quantization}
         try:
-            searcher = Searcher.open(bundle=bundle, gallery=gallery, backend=backend,
-                                     threads=threads, quantization=quantization)
+            searcher = Searcher.open(
+                bundle=bundle,
+                gallery=gallery,
+                backend=backend,
+                threads=threads,
+                quantization=quantization,
+            )
         except BackendError as exc:
             yield {**row, "error": str(exc).split(";")[0]}, None
             continue

@@ -19,8 +19,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from gallery_builder.data import load_source
-from gallery_builder.report import settings_table
+from gallery_builder.data.datasets import load_source
+from gallery_builder.evaluation.report import settings_table
 
 from ._common import (
     machine_info,
@@ -40,8 +40,10 @@ def hit_labels(hits: list, labels: np.ndarray) -> np.ndarray:
         if row:
             match = re.search(r"/(\d+)$", row[0].id)
             if match is None:
-                raise click.ClickException(f"gallery id {row[0].id!r} does not end in "
-                                           "/<position>; cannot look up its class")
+                raise click.ClickException(
+                    f"gallery id {row[0].id!r} does not end in "
+                    "/<position>; cannot look up its class"
+                )
             out[i] = labels[int(match.group(1))]
     return out
 
@@ -49,23 +51,34 @@ def hit_labels(hits: list, labels: np.ndarray) -> np.ndarray:
 def markdown(result: dict, table: str | None) -> str:
     lines = ["## Accuracy", ""]
     if table:
-        lines += [f"From `{result['report']}` ({result['protocol']}). Exact search, "
-                  "in %:", "", table, ""]
-    lines += [f"Through the SDK: {result['queries']:,} queries of `{result['query_source']}` "
-              f"against `{result['gallery']}` ({result['gallery_items']:,} items, HNSW at the "
-              "manifest's ef_search), top-1 class = query class. Reference: the torch "
-              "checkpoint's vectors in the same gallery search.", "",
-              "| query model | Recall@1 (%) | vs torch fp32 (points) |", "|---|---|---|"]
+        lines += [
+            f"From `{result['report']}` ({result['protocol']}). Exact search, in %:",
+            "",
+            table,
+            "",
+        ]
+    lines += [
+        f"Through the SDK: {result['queries']:,} queries of `{result['query_source']}` "
+        f"against `{result['gallery']}` ({result['gallery_items']:,} items, HNSW at the "
+        "manifest's ef_search), top-1 class = query class. Reference: the torch "
+        "checkpoint's vectors in the same gallery search.",
+        "",
+        "| query model | Recall@1 (%) | vs torch fp32 (points) |",
+        "|---|---|---|",
+    ]
     ref = result["torch_fp32_recall_at_1"]
     lines.append(f"| torch fp32 (checkpoint) | {100 * ref:.2f} | — |")
     for v in result["variants"]:
         if "error" in v:
-            lines.append(f"| {v['backend']} {v['quantization']} | not runnable here: "
-                         f"{v['error']} | |")
+            lines.append(
+                f"| {v['backend']} {v['quantization']} | not runnable here: {v['error']} | |"
+            )
         else:
-            lines.append(f"| {v['backend']} {v['quantization']} | "
-                         f"{100 * v['recall_at_1']:.2f} | "
-                         f"{100 * (v['recall_at_1'] - ref):+.2f} |")
+            lines.append(
+                f"| {v['backend']} {v['quantization']} | "
+                f"{100 * v['recall_at_1']:.2f} | "
+                f"{100 * (v['recall_at_1'] - ref):+.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -86,23 +99,57 @@ def plot(result: dict):
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @output_options
-@click.option("--report", "report_path", type=click.Path(exists=True, dir_okay=False,
-              path_type=Path), help="report.json of `cmce demo` (its table is copied).")
-@click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              required=True)
-@click.option("--gallery", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              required=True)
-@click.option("--gallery-images", default="fashion-mnist:train", show_default=True,
-              help="The source the gallery was built from (for the classes of its items).")
-@click.option("--query-model", type=click.Path(exists=True, path_type=Path), required=True,
-              help="The query checkpoint the bundle was exported from.")
-@click.option("--query-heads", type=click.Path(exists=True, path_type=Path), required=True,
-              help="Its heads folder (the query head in unified mode).")
-@click.option("--images", "source", default="fashion-mnist:test", show_default=True,
-              help="Query images (not in the gallery).")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="report.json of `cmce demo` (its table is copied).",
+)
+@click.option(
+    "--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True
+)
+@click.option(
+    "--gallery", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True
+)
+@click.option(
+    "--gallery-images",
+    default="fashion-mnist:train",
+    show_default=True,
+    help="The source the gallery was built from (for the classes of its items).",
+)
+@click.option(
+    "--query-model",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help="The query checkpoint the bundle was exported from.",
+)
+@click.option(
+    "--query-heads",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help="Its heads folder (the query head in unified mode).",
+)
+@click.option(
+    "--images",
+    "source",
+    default="fashion-mnist:test",
+    show_default=True,
+    help="Query images (not in the gallery).",
+)
 @click.option("--queries", "n_queries", default=10000, show_default=True)
-def main(smoke, out, results_md, report_path, bundle, gallery, gallery_images, query_model,
-         query_heads, source, n_queries) -> None:
+def main(
+    smoke,
+    out,
+    results_md,
+    report_path,
+    bundle,
+    gallery,
+    gallery_images,
+    query_model,
+    query_heads,
+    source,
+    n_queries,
+) -> None:
     """Recall@1 of every exported query model through the SDK, beside the core's report.
 
     \b
@@ -124,21 +171,29 @@ def main(smoke, out, results_md, report_path, bundle, gallery, gallery_images, q
             found = hit_labels(searcher.search_batch(list(queries), k=1), gallery_labels)
             row["recall_at_1"] = float(np.mean(found == labels))
         rows.append(row)
-    reference = real_queries(query_model, query_heads, source, n_queries,
-                             searcher.bundle.space_id)
+    reference = real_queries(query_model, query_heads, source, n_queries, searcher.bundle.space_id)
     found = hit_labels(searcher.gallery.search(reference, k=1), gallery_labels)
     labels = load_source(source).labels[:n_queries]
     report = json.loads(report_path.read_text()) if report_path else None
-    result = {"benchmark": "accuracy", "smoke": smoke, "bundle": str(bundle),
-              "gallery": str(gallery), "gallery_items": searcher.gallery.count,
-              "query_source": source, "queries": len(labels),
-              "torch_fp32_recall_at_1": float(np.mean(found == labels)), "variants": rows,
-              "report": str(report_path) if report_path else None,
-              "protocol": report["protocol"] if report else None,
-              "report_settings": report["settings"] if report else None, "machine": machine}
+    result = {
+        "benchmark": "accuracy",
+        "smoke": smoke,
+        "bundle": str(bundle),
+        "gallery": str(gallery),
+        "gallery_items": searcher.gallery.count,
+        "query_source": source,
+        "queries": len(labels),
+        "torch_fp32_recall_at_1": float(np.mean(found == labels)),
+        "variants": rows,
+        "report": str(report_path) if report_path else None,
+        "protocol": report["protocol"] if report else None,
+        "report_settings": report["settings"] if report else None,
+        "machine": machine,
+    }
     table = settings_table(report) if report else None
-    paths = write_outputs("accuracy", result, markdown(result, table), out, results_md,
-                          plot(result))
+    paths = write_outputs(
+        "accuracy", result, markdown(result, table), out, results_md, plot(result)
+    )
     click.echo(json.dumps({k: str(v) for k, v in paths.items()}))
 
 

@@ -25,7 +25,7 @@ import torch
 
 from export.calibration import MIN_VALIDATION_IMAGES
 from export.graph import load_export_source
-from gallery_builder.data import load_source
+from gallery_builder.data.datasets import load_source
 from gallery_builder.models import count_params, create_model, mflops, save_model
 from gallery_builder.models.mobilenet_v3 import IMAGENET_SPEC, PUBLISHED_PARAMS
 from gallery_builder.models.saving import registered_identity
@@ -54,8 +54,14 @@ GOAL_SPEEDUP = 2.0
 JOBS = [("onnx", "fp32"), ("onnx", "int8"), ("executorch", "fp32"), ("executorch", "int8")]
 
 
-def export_query_bundle(model_dir: Path, heads_dir: Path | None, images: str, out: Path,
-                        smoke: bool, jobs: list[tuple[str, str]] = JOBS) -> Path:
+def export_query_bundle(
+    model_dir: Path,
+    heads_dir: Path | None,
+    images: str,
+    out: Path,
+    smoke: bool,
+    jobs: list[tuple[str, str]] = JOBS,
+) -> Path:
     """A query bundle with ONNX and ExecuTorch artifacts, fp32 and int8, made by the export
     package exactly as ``cmce-export`` makes it (calibrated and validated on ``images``); an
     earlier run's bundle in ``out`` with those artifacts is reused."""
@@ -65,9 +71,17 @@ def export_query_bundle(model_dir: Path, heads_dir: Path | None, images: str, ou
         manifest = verify_bundle(out)
         if {(a.target, a.quantization) for a in manifest.artifacts} >= set(jobs):
             return out  # exported by an earlier run (checksums verified)
-    plan = ExportPlan(model_dir=model_dir, heads_dir=heads_dir, jobs=list(jobs), validation=images,
-                      out=out, calibration=images, n_calibration=32 if smoke else 512,
-                      n_validation=MIN_VALIDATION_IMAGES, force=True)
+    plan = ExportPlan(
+        model_dir=model_dir,
+        heads_dir=heads_dir,
+        jobs=list(jobs),
+        validation=images,
+        out=out,
+        calibration=images,
+        n_calibration=32 if smoke else 512,
+        n_validation=MIN_VALIDATION_IMAGES,
+        force=True,
+    )
     export_bundle(plan, progress=False)
     return out
 
@@ -86,8 +100,13 @@ def mobilenet_checkpoint(folder: Path) -> Path:
     if not (folder / "config.json").is_file():
         torch.manual_seed(0)
         model = create_model("mobilenet_v3_small", IMAGENET_SPEC, None)
-        save_model(folder, model, registered_identity("mobilenet_v3_small", IMAGENET_SPEC, None),
-                   "query", {"note": "random weights, for latency only"})
+        save_model(
+            folder,
+            model,
+            registered_identity("mobilenet_v3_small", IMAGENET_SPEC, None),
+            "query",
+            {"note": "random weights, for latency only"},
+        )
     return folder
 
 
@@ -107,8 +126,13 @@ def runtime_rows(bundle: Path, image: np.ndarray, n: int) -> list[dict]:
     for a in manifest.artifacts:
         if a.role != QUERY_ROLE or a.target not in by_target:
             continue
-        row = {"runtime": by_target[a.target], "quantization": a.quantization,
-               "file": a.file, "bytes": a.bytes, "cosine_min": a.validation.cosine_min}
+        row = {
+            "runtime": by_target[a.target],
+            "quantization": a.quantization,
+            "file": a.file,
+            "bytes": a.bytes,
+            "cosine_min": a.validation.cosine_min,
+        }
         for threads in THREADS:
             try:
                 runtime = open_runtime(by_target[a.target], bundle / a.file, a, threads)
@@ -120,36 +144,55 @@ def runtime_rows(bundle: Path, image: np.ndarray, n: int) -> list[dict]:
     return rows
 
 
-def measure_model(name: str, module: torch.nn.Module, bundle: Path, image: np.ndarray,
-                  n: int) -> dict:
-    eager = {"runtime": "torch eager", "quantization": "fp32", "file": None, "bytes": None,
-             **{f"threads_{t}": eager_latency(module, image, t, n) for t in THREADS}}
+def measure_model(
+    name: str, module: torch.nn.Module, bundle: Path, image: np.ndarray, n: int
+) -> dict:
+    eager = {
+        "runtime": "torch eager",
+        "quantization": "fp32",
+        "file": None,
+        "bytes": None,
+        **{f"threads_{t}": eager_latency(module, image, t, n) for t in THREADS},
+    }
     rows = [eager] + runtime_rows(bundle, image, n)
     for row in rows:
         for t in THREADS:
             if f"threads_{t}" in row:
-                row[f"speedup_{t}"] = eager[f"threads_{t}"]["p50_ms"] / \
-                    row[f"threads_{t}"]["p50_ms"]
+                row[f"speedup_{t}"] = (
+                    eager[f"threads_{t}"]["p50_ms"] / row[f"threads_{t}"]["p50_ms"]
+                )
     return {"model": name, "input": list(image.shape), "bundle": str(bundle), "rows": rows}
 
 
 def markdown(result: dict) -> str:
-    lines = ["## Query embedding latency", "",
-             "One image per call; p50 / p90 in ms; speed-up = torch eager fp32 p50 / p50 at "
-             "the same thread count (same run). 1 thread stands in for one phone core; CPU p50 is "
-             "the process CPU time per call (the busy machine adds waits to the wall time). "
-             "Artifacts from the export package, run through `query_sdk.runtimes`.", ""]
+    lines = [
+        "## Query embedding latency",
+        "",
+        "One image per call; p50 / p90 in ms; speed-up = torch eager fp32 p50 / p50 at "
+        "the same thread count (same run). 1 thread stands in for one phone core; CPU p50 is "
+        "the process CPU time per call (the busy machine adds waits to the wall time). "
+        "Artifacts from the export package, run through `query_sdk.runtimes`.",
+        "",
+    ]
     for m in result["models"]:
-        lines += [f"**{m['model']}**, input {'x'.join(map(str, m['input']))} uint8"
-                  + (f" ({m['params']:,} parameters, {m['mflops'] / 2:.1f} M multiply-adds)"
-                     if "params" in m else ""), "",
-                  "| runtime | quantization | 1 thread p50 / p90 | speed-up | 1 thread CPU p50 "
-                  "| 2 threads p50 / p90 | speed-up | file bytes |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**{m['model']}**, input {'x'.join(map(str, m['input']))} uint8"
+            + (
+                f" ({m['params']:,} parameters, {m['mflops'] / 2:.1f} M multiply-adds)"
+                if "params" in m
+                else ""
+            ),
+            "",
+            "| runtime | quantization | 1 thread p50 / p90 | speed-up | 1 thread CPU p50 "
+            "| 2 threads p50 / p90 | speed-up | file bytes |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in m["rows"]:
             if "error" in r:
-                lines.append(f"| {r['runtime']} | {r['quantization']} | not runnable here: "
-                             f"{r['error']} | | | | | |")
+                lines.append(
+                    f"| {r['runtime']} | {r['quantization']} | not runnable here: "
+                    f"{r['error']} | | | | | |"
+                )
                 continue
             cells = []
             for t in THREADS:
@@ -158,8 +201,7 @@ def markdown(result: dict) -> str:
                 if t == 1:
                     cells.append(f"{s['cpu_p50_ms']:.3f}")
             size = f"{r['bytes']:,}" if r["bytes"] else "—"
-            lines.append(f"| {r['runtime']} | {r['quantization']} | {' | '.join(cells)} | "
-                         f"{size} |")
+            lines.append(f"| {r['runtime']} | {r['quantization']} | {' | '.join(cells)} | {size} |")
         lines.append("")
     lines.append(_goal(result))
     return "\n".join(lines)
@@ -167,29 +209,42 @@ def markdown(result: dict) -> str:
 
 def _goal(result: dict) -> str:
     mobile = next((m for m in result["models"] if m["model"].startswith("MobileNetV3")), None)
-    row = mobile and next((r for r in mobile["rows"] if r["runtime"] == "executorch"
-                           and r["quantization"] == "int8" and "speedup_1" in r), None)
+    row = mobile and next(
+        (
+            r
+            for r in mobile["rows"]
+            if r["runtime"] == "executorch" and r["quantization"] == "int8" and "speedup_1" in r
+        ),
+        None,
+    )
     if row is None:
         return "**Goal** ExecuTorch int8 ≥ 2× torch eager fp32 at 1 thread: not measured."
     met = "met" if row["speedup_1"] >= GOAL_SPEEDUP else "not met"
     eager = mobile["rows"][0]["threads_1"]["cpu_p50_ms"]
     cpu = eager / row["threads_1"]["cpu_p50_ms"]
-    return (f"**Goal** ExecuTorch int8 at 1 thread ≥ {GOAL_SPEEDUP:g}× faster than torch eager "
-            f"fp32 on MobileNetV3-Small: {met} in wall time ({row['speedup_1']:.2f}×); in CPU "
-            f"time per call {cpu:.2f}× ({'met' if cpu >= GOAL_SPEEDUP else 'not met'}).")
+    return (
+        f"**Goal** ExecuTorch int8 at 1 thread ≥ {GOAL_SPEEDUP:g}× faster than torch eager "
+        f"fp32 on MobileNetV3-Small: {met} in wall time ({row['speedup_1']:.2f}×); in CPU "
+        f"time per call {cpu:.2f}× ({'met' if cpu >= GOAL_SPEEDUP else 'not met'})."
+    )
 
 
 def plot(result: dict):
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(result["models"]), figsize=(5.5 * len(result["models"]), 3.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(result["models"]), figsize=(5.5 * len(result["models"]), 3.6), squeeze=False
+    )
     for ax, m in zip(axes[0], result["models"], strict=True):
         rows = [r for r in m["rows"] if "threads_1" in r]
         names = [f"{r['runtime']}\n{r['quantization']}" for r in rows]
         x = np.arange(len(rows))
         for k, t in enumerate(THREADS):
-            ax.bar(x + (k - 0.5) * 0.38, [r[f"threads_{t}"]["p50_ms"] if f"threads_{t}" in r
-                                          else 0 for r in rows], 0.38, label=f"{t} thread(s)")
+            ax.bar(
+                x + (k - 0.5) * 0.38,
+                [r[f"threads_{t}"]["p50_ms"] if f"threads_{t}" in r else 0 for r in rows],
+                0.38,
+                label=f"{t} thread(s)",
+            )
         ax.set_xticks(x, names, fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("p50 ms / image (log)")
@@ -201,21 +256,45 @@ def plot(result: dict):
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @output_options
-@click.option("--query-model", type=click.Path(exists=True, path_type=Path), required=True,
-              help="The project's query checkpoint.")
-@click.option("--query-heads", type=click.Path(exists=True, path_type=Path),
-              help="Its heads (unified: the query head is fused into the graph).")
-@click.option("--calibration", "source", default="fashion-mnist:train", show_default=True,
-              help="Images for the query model's int8 calibration and timing.")
-@click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="An exported bundle of --query-model to time [default: export one].")
-@click.option("--mobilenet/--no-mobilenet", default=True, show_default=True,
-              help="Also MobileNetV3-Small at 224x224.")
+@click.option(
+    "--query-model",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help="The project's query checkpoint.",
+)
+@click.option(
+    "--query-heads",
+    type=click.Path(exists=True, path_type=Path),
+    help="Its heads (unified: the query head is fused into the graph).",
+)
+@click.option(
+    "--calibration",
+    "source",
+    default="fashion-mnist:train",
+    show_default=True,
+    help="Images for the query model's int8 calibration and timing.",
+)
+@click.option(
+    "--bundle",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="An exported bundle of --query-model to time [default: export one].",
+)
+@click.option(
+    "--mobilenet/--no-mobilenet",
+    default=True,
+    show_default=True,
+    help="Also MobileNetV3-Small at 224x224.",
+)
 @click.option("--iterations", default=300, show_default=True, help="Timed calls per point.")
-@click.option("--work", type=click.Path(path_type=Path), default=None,
-              help="Where bundles are exported [default: a temporary folder].")
-def main(smoke, out, results_md, query_model, query_heads, source, bundle, mobilenet,
-         iterations, work) -> None:
+@click.option(
+    "--work",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where bundles are exported [default: a temporary folder].",
+)
+def main(
+    smoke, out, results_md, query_model, query_heads, source, bundle, mobilenet, iterations, work
+) -> None:
     """Latency of one query image through every runtime and quantization, 1 and 2 threads.
 
     \b
@@ -232,11 +311,17 @@ def main(smoke, out, results_md, query_model, query_heads, source, bundle, mobil
     models = []
     graph = load_export_source(query_model, query_heads).graph
     image = load_source(source, graph.model.input_spec).images[:1]
-    bundle = bundle or export_query_bundle(query_model, query_heads, source,
-                                           work / "query-bundle", smoke)
+    bundle = bundle or export_query_bundle(
+        query_model, query_heads, source, work / "query-bundle", smoke
+    )
     name = "query model + query head (Fashion-MNIST)"
-    models.append({"params": count_params(graph), "mflops": mflops(graph, graph.model.input_spec),
-                   **measure_model(name, graph, bundle, image, iterations)})
+    models.append(
+        {
+            "params": count_params(graph),
+            "mflops": mflops(graph, graph.model.input_spec),
+            **measure_model(name, graph, bundle, image, iterations),
+        }
+    )
     if mobilenet:
         folder = mobilenet_checkpoint(work / "mobilenet_v3_small")
         n = MIN_VALIDATION_IMAGES + (32 if smoke else 512)
@@ -244,14 +329,25 @@ def main(smoke, out, results_md, query_model, query_heads, source, bundle, mobil
         bundle = export_query_bundle(folder, None, images, work / "mobilenet-bundle", smoke)
         module = load_export_source(folder, None).graph
         name = "MobileNetV3-Small 224 (random weights)"
-        models.append({"params": count_params(module), "mflops": mflops(module, IMAGENET_SPEC),
-                       "published_params": PUBLISHED_PARAMS,
-                       **measure_model(name, module, bundle, np.load(images)[:1], iterations)})
+        models.append(
+            {
+                "params": count_params(module),
+                "mflops": mflops(module, IMAGENET_SPEC),
+                "published_params": PUBLISHED_PARAMS,
+                **measure_model(name, module, bundle, np.load(images)[:1], iterations),
+            }
+        )
     torch.set_num_threads(threads_before)
     manifest = read_bundle_manifest(Path(models[0]["bundle"]))
-    result = {"benchmark": "latency", "smoke": smoke, "threads": list(THREADS),
-              "iterations": iterations, "space_id": manifest.space_id, "models": models,
-              "machine": machine}
+    result = {
+        "benchmark": "latency",
+        "smoke": smoke,
+        "threads": list(THREADS),
+        "iterations": iterations,
+        "space_id": manifest.space_id,
+        "models": models,
+        "machine": machine,
+    }
     paths = write_outputs("latency", result, markdown(result), out, results_md, plot(result))
     click.echo(json.dumps({k: str(v) for k, v in paths.items()}))
 

@@ -46,9 +46,9 @@ from ._common import (
 SIZES = (10_000, 100_000, 1_000_000)
 EFS = (10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 K = 10
-M, EF_CONSTRUCTION = 16, 200     # the gallery builder's defaults (BuildSettings)
-TARGETS = (0.9, 0.95, 0.99)      # recall@10 levels at which latencies are compared
-CLUSTERS, SPREAD = 1000, 0.7     # synthetic data: noise norm relative to the cluster centre
+M, EF_CONSTRUCTION = 16, 200  # the gallery builder's defaults (BuildSettings)
+TARGETS = (0.9, 0.95, 0.99)  # recall@10 levels at which latencies are compared
+CLUSTERS, SPREAD = 1000, 0.7  # synthetic data: noise norm relative to the cluster centre
 
 
 # ----------------------------------------------------------------------------------- data
@@ -65,8 +65,7 @@ def clustered_vectors(n: int, dim: int, seed: int) -> np.ndarray:
     return out
 
 
-def exact_topk(data: np.ndarray, queries: np.ndarray, k: int,
-               chunk: int = 100_000) -> np.ndarray:
+def exact_topk(data: np.ndarray, queries: np.ndarray, k: int, chunk: int = 100_000) -> np.ndarray:
     """Row indices of the k largest inner products per query, best first (chunked over data)."""
     best_i = np.zeros((len(queries), 0), np.int64)
     best_s = np.zeros((len(queries), 0), np.float32)
@@ -84,8 +83,7 @@ def exact_topk(data: np.ndarray, queries: np.ndarray, k: int,
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     k = exact.shape[1]
-    return float(np.mean([len(set(a[:k]) & set(b)) / k for a, b in zip(found, exact,
-                                                                      strict=True)]))
+    return float(np.mean([len(set(a[:k]) & set(b)) / k for a, b in zip(found, exact, strict=True)]))
 
 
 # -------------------------------------------------------------------------------- engines
@@ -113,8 +111,11 @@ def _cached(path: Path, build) -> float:
     start = time.perf_counter()
     build(path)
     seconds = time.perf_counter() - start
-    info_path.write_text(json.dumps({"sha256": sha256_file(path), "build_seconds": seconds,
-                                     "threads": os.cpu_count()}))
+    info_path.write_text(
+        json.dumps(
+            {"sha256": sha256_file(path), "build_seconds": seconds, "threads": os.cpu_count()}
+        )
+    )
     return seconds
 
 
@@ -142,9 +143,14 @@ def hnswlib_engine(data: np.ndarray, path: Path) -> Engine:
 
     seconds = _cached(path, build)
     index, resident = _resident(load, path)
-    return Engine("hnswlib", lambda ef: index.set_ef(max(ef, K)),
-                  lambda q, t: index.knn_query(q, k=K, num_threads=t)[0].astype(np.int64),
-                  path.stat().st_size / n, resident / n, seconds)
+    return Engine(
+        "hnswlib",
+        lambda ef: index.set_ef(max(ef, K)),
+        lambda q, t: index.knn_query(q, k=K, num_threads=t)[0].astype(np.int64),
+        path.stat().st_size / n,
+        resident / n,
+        seconds,
+    )
 
 
 def faiss_engine(data: np.ndarray, path: Path) -> Engine:
@@ -178,13 +184,18 @@ def shards_engine(gallery: Path) -> tuple[Engine, np.ndarray, np.ndarray]:
     """The gallery's shards as shipped, merged as the SDK does; also (vectors, labels)."""
     manifest = verify_gallery(gallery)
     before = rss_bytes()
-    loaded = [load_shard(gallery, sh, manifest.dim, ef_search=K, verify=False)
-              for sh in manifest.shards]
+    loaded = [
+        load_shard(gallery, sh, manifest.dim, ef_search=K, verify=False) for sh in manifest.shards
+    ]
     resident = rss_bytes() - before
     pairs = [(index, int((~meta.deleted).sum())) for index, meta in loaded]
     labels = np.concatenate([meta.labels[~meta.deleted] for _, meta in loaded])
-    vectors = np.concatenate([np.asarray(index.get_items(meta.labels[~meta.deleted]),
-                                         np.float32) for index, meta in loaded])
+    vectors = np.concatenate(
+        [
+            np.asarray(index.get_items(meta.labels[~meta.deleted]), np.float32)
+            for index, meta in loaded
+        ]
+    )
     row = {int(lab): r for r, lab in enumerate(labels)}
     to_rows = np.vectorize(lambda lab: row.get(int(lab), -1), otypes=[np.int64])
 
@@ -197,8 +208,11 @@ def shards_engine(gallery: Path) -> tuple[Engine, np.ndarray, np.ndarray]:
 
     on_disk = sum(f["bytes"] for sh in manifest.shards for f in sh.files.values())
     name = f"hnswlib, {len(pairs)} shards (SDK merge)"
-    return Engine(name, set_ef, search, on_disk / manifest.count, resident / manifest.count), \
-        vectors, labels
+    return (
+        Engine(name, set_ef, search, on_disk / manifest.count, resident / manifest.count),
+        vectors,
+        labels,
+    )
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -218,9 +232,13 @@ def sweep(engine: Engine, queries: np.ndarray, exact: np.ndarray, efs: tuple[int
         engine.set_ef(ef)
         found, stats = _one_at_a_time(engine, queries)
         points.append({"ef": ef, "recall_at_10": recall_at_k(found, exact), **stats})
-    return {"engine": engine.name, "bytes_per_item": engine.bytes_per_item,
-            "resident_bytes_per_item": engine.resident_bytes_per_item,
-            "build_seconds": engine.build_seconds, "curve": points}
+    return {
+        "engine": engine.name,
+        "bytes_per_item": engine.bytes_per_item,
+        "resident_bytes_per_item": engine.resident_bytes_per_item,
+        "build_seconds": engine.build_seconds,
+        "curve": points,
+    }
 
 
 def at_recall(curve: list[dict], target: float, key: str = "p50_ms") -> float | None:
@@ -249,8 +267,11 @@ def exact_latency(data: np.ndarray, queries: np.ndarray) -> dict:
         start = time.perf_counter()
         exact_topk(data, queries, K)
         batch_1 = (time.perf_counter() - start) / len(queries) * 1e3
-    return {"single": single, "batch_ms_per_query_1_thread": batch_1,
-            "bytes_per_item": data.shape[1] * 4}
+    return {
+        "single": single,
+        "batch_ms_per_query_1_thread": batch_1,
+        "bytes_per_item": data.shape[1] * 4,
+    }
 
 
 def batch_latency(engine: Engine, queries: np.ndarray, exact: np.ndarray, ef: int) -> dict:
@@ -265,8 +286,14 @@ def batch_latency(engine: Engine, queries: np.ndarray, exact: np.ndarray, ef: in
     return out
 
 
-def run_point(name: str, data: np.ndarray, queries: np.ndarray, engines: list[Engine],
-              efs: tuple[int, ...], exact_queries: int) -> dict:
+def run_point(
+    name: str,
+    data: np.ndarray,
+    queries: np.ndarray,
+    engines: list[Engine],
+    efs: tuple[int, ...],
+    exact_queries: int,
+) -> dict:
     """Every engine's curve and batch figures, exact search, and the goal ratios."""
     exact = exact_topk(data, queries, K)
     curves = [sweep(e, queries, exact, efs) for e in engines]
@@ -287,26 +314,35 @@ def run_point(name: str, data: np.ndarray, queries: np.ndarray, engines: list[En
                 if lat.get("faiss"):
                     row[f"hnswlib_over_faiss{suffix}"] = hnsw / lat["faiss"]
         summary[str(target)] = row
-    return {"name": name, "items": len(data), "dim": data.shape[1], "queries": len(queries),
-            "engines": curves, "exact": ex, "at_recall": summary}
+    return {
+        "name": name,
+        "items": len(data),
+        "dim": data.shape[1],
+        "queries": len(queries),
+        "engines": curves,
+        "exact": ex,
+        "at_recall": summary,
+    }
 
 
-def real_queries(query_model: Path, query_heads: Path, images: str, n: int,
-                 space_id: str) -> np.ndarray:
+def real_queries(
+    query_model: Path, query_heads: Path, images: str, n: int, space_id: str
+) -> np.ndarray:
     """Query vectors of ``n`` images through the torch query model and its query head."""
     import torch
 
-    from gallery_builder.data import load_source
-    from gallery_builder.heads import load_heads
+    from gallery_builder.data.datasets import load_source
     from gallery_builder.models import load_model
-    from gallery_builder.train import embed
+    from gallery_builder.training.fit import embed
+    from gallery_builder.training.heads import load_heads
 
     torch.set_num_threads(os.cpu_count())
     model, _ = load_model(query_model)
     heads, config = load_heads(query_heads)
     if config["space_id"] != space_id:
-        raise click.UsageError(f"{query_heads} maps into space {config['space_id']}, the "
-                               f"gallery is in {space_id}")
+        raise click.UsageError(
+            f"{query_heads} maps into space {config['space_id']}, the gallery is in {space_id}"
+        )
     source = load_source(images, model.input_spec)
     return heads.encode_query(embed(model, source.images[:n])).numpy().astype(np.float32)
 
@@ -317,16 +353,20 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = ["## Search: hnswlib vs faiss HNSW vs exact numpy", "",
-             f"Recall@10 against exact search and p50 latency of one query at a time on one "
-             f"thread (M={M}, efConstruction={EF_CONSTRUCTION}, inner product on normalised "
-             f"vectors). p50 latency in ms at equal recall@10 (interpolated along the ef "
-             f"sweep); speed-up = exact numpy p50 / hnswlib p50; ratios in wall time / in CPU "
-             f"time per query (the busy machine adds waits to wall times, more to the "
-             f"memory-bound exact search).", "",
-             "| data | items | dim | recall@10 | hnswlib | faiss HNSW | exact numpy | "
-             "speed-up vs exact (wall / CPU) | hnswlib / faiss (wall / CPU) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Search: hnswlib vs faiss HNSW vs exact numpy",
+        "",
+        f"Recall@10 against exact search and p50 latency of one query at a time on one "
+        f"thread (M={M}, efConstruction={EF_CONSTRUCTION}, inner product on normalised "
+        f"vectors). p50 latency in ms at equal recall@10 (interpolated along the ef "
+        f"sweep); speed-up = exact numpy p50 / hnswlib p50; ratios in wall time / in CPU "
+        f"time per query (the busy machine adds waits to wall times, more to the "
+        f"memory-bound exact search).",
+        "",
+        "| data | items | dim | recall@10 | hnswlib | faiss HNSW | exact numpy | "
+        "speed-up vs exact (wall / CPU) | hnswlib / faiss (wall / CPU) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for p in result["points"]:
         for target, row in p["at_recall"].items():
             lat = row["p50_ms"]
@@ -340,15 +380,20 @@ def markdown(result: dict) -> str:
                 f"{_fmt(row.get('speedup_vs_exact'), '.0f')}× / "
                 f"{_fmt(row.get('speedup_vs_exact_cpu'), '.0f')}× | "
                 f"{_fmt(row.get('hnswlib_over_faiss'), '.2f')} / "
-                f"{_fmt(row.get('hnswlib_over_faiss_cpu'), '.2f')} |")
-    lines += ["", "Memory and batches (batch = all queries in one call, at the smallest ef "
-              "where hnswlib reaches recall@10 0.95; resident = growth of the process's RSS "
-              "while the index loads, too low where memory freed by an earlier point is "
-              "reused):", "",
-              "| data | engine | bytes/item on disk | resident bytes/item | build s (all "
-              "threads, when first built and cached: the machine's load differed) | batch ef | "
-              "ms/query batch, 1 thread | ms/query batch, all threads |",
-              "|---|---|---|---|---|---|---|---|"]
+                f"{_fmt(row.get('hnswlib_over_faiss_cpu'), '.2f')} |"
+            )
+    lines += [
+        "",
+        "Memory and batches (batch = all queries in one call, at the smallest ef "
+        "where hnswlib reaches recall@10 0.95; resident = growth of the process's RSS "
+        "while the index loads, too low where memory freed by an earlier point is "
+        "reused):",
+        "",
+        "| data | engine | bytes/item on disk | resident bytes/item | build s (all "
+        "threads, when first built and cached: the machine's load differed) | batch ef | "
+        "ms/query batch, 1 thread | ms/query batch, all threads |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for p in result["points"]:
         for c in p["engines"]:
             b = c["batch"]
@@ -356,10 +401,13 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {p['name']} | {c['engine']} | {c['bytes_per_item']:.0f} | "
                 f"{c['resident_bytes_per_item']:.0f} | {_fmt(c['build_seconds'], '.1f')} | "
-                f"{b['ef']} | {b[threads[0]]:.4f} | {b[threads[-1]]:.4f} |")
+                f"{b['ef']} | {b[threads[0]]:.4f} | {b[threads[-1]]:.4f} |"
+            )
         ex = p["exact"]
-        lines.append(f"| {p['name']} | exact numpy | {ex['bytes_per_item']} | — | — | — | "
-                     f"{ex['batch_ms_per_query_1_thread']:.4f} | — |")
+        lines.append(
+            f"| {p['name']} | exact numpy | {ex['bytes_per_item']} | — | — | — | "
+            f"{ex['batch_ms_per_query_1_thread']:.4f} | — |"
+        )
     lines += ["", _goals(result)]
     return "\n".join(lines)
 
@@ -370,10 +418,12 @@ def _goals(result: dict) -> str:
     row = big["at_recall"]["0.95"]
     speedup = min(row.get("speedup_vs_exact") or 0, row.get("speedup_vs_exact_cpu") or 0)
     reached = "reaches" if row["p50_ms"].get("hnswlib") is not None else "does not reach"
-    text = (f"**Goals** (largest synthetic point, {big['items']:,} items): hnswlib {reached} "
-            f"recall@10 0.95; there it is at least {speedup:.0f}× faster than exact numpy "
-            f"(the lower of wall and CPU time; goal ≥ 100×: "
-            f"{'met' if speedup >= 100 else 'not met'}).")
+    text = (
+        f"**Goals** (largest synthetic point, {big['items']:,} items): hnswlib {reached} "
+        f"recall@10 0.95; there it is at least {speedup:.0f}× faster than exact numpy "
+        f"(the lower of wall and CPU time; goal ≥ 100×: "
+        f"{'met' if speedup >= 100 else 'not met'})."
+    )
     with_faiss = [p for p in clustered if p["at_recall"]["0.95"].get("hnswlib_over_faiss")]
     if not with_faiss:
         return text + " faiss HNSW was not measured."
@@ -381,9 +431,11 @@ def _goals(result: dict) -> str:
     r = near["at_recall"]["0.95"]
     ratio = max(r["hnswlib_over_faiss"], r.get("hnswlib_over_faiss_cpu") or 0)
     where = "" if near is big else f" (faiss measured up to {near['items']:,} items)"
-    return text + (f" At {near['items']:,} items hnswlib takes at most {ratio:.2f}× the "
-                   f"latency of faiss HNSW at equal recall{where} (goal ≤ 1.2×: "
-                   f"{'met' if ratio <= 1.2 else 'not met'}).")
+    return text + (
+        f" At {near['items']:,} items hnswlib takes at most {ratio:.2f}× the "
+        f"latency of faiss HNSW at equal recall{where} (goal ≤ 1.2×: "
+        f"{'met' if ratio <= 1.2 else 'not met'})."
+    )
 
 
 def plot(result: dict):
@@ -392,8 +444,13 @@ def plot(result: dict):
     fig, axes = plt.subplots(1, len(points), figsize=(4.2 * len(points), 3.6), squeeze=False)
     for ax, p in zip(axes[0], points, strict=True):
         for c in p["engines"]:
-            ax.plot([q["recall_at_10"] for q in c["curve"]], [q["p50_ms"] for q in c["curve"]],
-                    marker="o", ms=3, label=c["engine"])
+            ax.plot(
+                [q["recall_at_10"] for q in c["curve"]],
+                [q["p50_ms"] for q in c["curve"]],
+                marker="o",
+                ms=3,
+                label=c["engine"],
+            )
         ax.axhline(p["exact"]["single"]["p50_ms"], color="grey", ls="--", label="exact numpy")
         ax.set_yscale("log")
         ax.set_xlabel("recall@10")
@@ -408,25 +465,68 @@ def plot(result: dict):
 # ------------------------------------------------------------------------------------- CLI
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @output_options
-@click.option("--sizes", default=",".join(str(s) for s in SIZES), show_default=True,
-              help="Comma-separated synthetic gallery sizes.")
+@click.option(
+    "--sizes",
+    default=",".join(str(s) for s in SIZES),
+    show_default=True,
+    help="Comma-separated synthetic gallery sizes.",
+)
 @click.option("--dim", default=128, show_default=True, help="Vector dim (the gallery's).")
-@click.option("--queries", "n_queries", default=1000, show_default=True,
-              help="Queries per point (held out from the indexed vectors).")
-@click.option("--gallery", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A built gallery: adds the real point (its shards, its vectors).")
-@click.option("--query-model", type=click.Path(exists=True, path_type=Path),
-              help="Query model checkpoint for the real point's query vectors.")
-@click.option("--query-heads", type=click.Path(exists=True, path_type=Path),
-              help="The heads folder whose query head maps into the gallery's space.")
-@click.option("--query-images", default="fashion-mnist:test", show_default=True,
-              help="Images the real queries come from (not in the gallery).")
-@click.option("--faiss-max-items", type=int, default=None,
-              help="Leave faiss out of points larger than this (its build is the slow part).")
-@click.option("--cache", type=click.Path(path_type=Path), default=CACHE_DIR,
-              show_default=True, help="Where built indexes are kept.")
-def main(smoke, out, results_md, sizes, dim, n_queries, gallery, query_model, query_heads,
-         query_images, faiss_max_items, cache) -> None:
+@click.option(
+    "--queries",
+    "n_queries",
+    default=1000,
+    show_default=True,
+    help="Queries per point (held out from the indexed vectors).",
+)
+@click.option(
+    "--gallery",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A built gallery: adds the real point (its shards, its vectors).",
+)
+@click.option(
+    "--query-model",
+    type=click.Path(exists=True, path_type=Path),
+    help="Query model checkpoint for the real point's query vectors.",
+)
+@click.option(
+    "--query-heads",
+    type=click.Path(exists=True, path_type=Path),
+    help="The heads folder whose query head maps into the gallery's space.",
+)
+@click.option(
+    "--query-images",
+    default="fashion-mnist:test",
+    show_default=True,
+    help="Images the real queries come from (not in the gallery).",
+)
+@click.option(
+    "--faiss-max-items",
+    type=int,
+    default=None,
+    help="Leave faiss out of points larger than this (its build is the slow part).",
+)
+@click.option(
+    "--cache",
+    type=click.Path(path_type=Path),
+    default=CACHE_DIR,
+    show_default=True,
+    help="Where built indexes are kept.",
+)
+def main(
+    smoke,
+    out,
+    results_md,
+    sizes,
+    dim,
+    n_queries,
+    gallery,
+    query_model,
+    query_heads,
+    query_images,
+    faiss_max_items,
+    cache,
+) -> None:
     """Recall–latency curves of hnswlib, faiss HNSW and exact numpy search.
 
     \b
@@ -449,8 +549,11 @@ def main(smoke, out, results_md, sizes, dim, n_queries, gallery, query_model, qu
         engines = [hnswlib_engine(data, cache / f"{tag}.hnsw")]
         if faiss_max_items is None or n <= faiss_max_items:
             engines.append(faiss_engine(data, cache / f"{tag}.faiss"))
-        points.append(run_point("clustered", data, queries, engines, efs,
-                                min(n_queries, max(20, 50_000_000 // n))))
+        points.append(
+            run_point(
+                "clustered", data, queries, engines, efs, min(n_queries, max(20, 50_000_000 // n))
+            )
+        )
         del engines, data
     if gallery:
         if not (query_model and query_heads):
@@ -458,18 +561,28 @@ def main(smoke, out, results_md, sizes, dim, n_queries, gallery, query_model, qu
         click.echo(f"gallery {gallery}", err=True)
         shards, data, _ = shards_engine(gallery)
         manifest = verify_gallery(gallery)
-        queries = real_queries(query_model, query_heads, query_images, n_queries,
-                               manifest.space_id)
-        digest = hashlib.sha256("".join(f["sha256"] for sh in manifest.shards
-                                        for f in sh.files.values()).encode()).hexdigest()
+        queries = real_queries(query_model, query_heads, query_images, n_queries, manifest.space_id)
+        digest = hashlib.sha256(
+            "".join(f["sha256"] for sh in manifest.shards for f in sh.files.values()).encode()
+        ).hexdigest()
         tag = f"gallery-{digest[:16]}-M{M}-efc{EF_CONSTRUCTION}"
-        engines = [hnswlib_engine(data, cache / f"{tag}.hnsw"),
-                   faiss_engine(data, cache / f"{tag}.faiss"), shards]
+        engines = [
+            hnswlib_engine(data, cache / f"{tag}.hnsw"),
+            faiss_engine(data, cache / f"{tag}.faiss"),
+            shards,
+        ]
         point = run_point(gallery.name, data, queries, engines, efs, n_queries)
         point["queries_from"] = f"{query_images} through {query_model} + {query_heads}"
         points.append(point)
-    result = {"benchmark": "search", "smoke": smoke, "k": K, "M": M,
-              "ef_construction": EF_CONSTRUCTION, "points": points, "machine": machine}
+    result = {
+        "benchmark": "search",
+        "smoke": smoke,
+        "k": K,
+        "M": M,
+        "ef_construction": EF_CONSTRUCTION,
+        "points": points,
+        "machine": machine,
+    }
     paths = write_outputs("search", result, markdown(result), out, results_md, plot(result))
     click.echo(json.dumps({k: str(v) for k, v in paths.items()}))
 

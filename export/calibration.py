@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gallery_builder.data import DataError, ImageSet, load_source
+from gallery_builder.data.datasets import DataError, ImageSet, load_source
 from query_sdk.spec import InputSpec
 
 from .errors import ExportError

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from gallery_builder.cli import _friendly
 from query_sdk.bundle_format import COREML_DEPLOYMENT_TARGETS, ORT_OPERATORS_FILE
 from query_sdk.bundle_format import QUANTIZATIONS as QUANTS
+from query_sdk.errors import cli_errors
 
 from .bundle import OFFERED, ExportPlan, export_bundle
 from .coreml import DEFAULT_DEPLOYMENT_TARGET
@@ -134,7 +134,7 @@ def _jobs(targets: tuple[str, ...], quants: tuple[str, ...]):
 @click.option("--out", required=True, type=PathType, help="Bundle folder to create.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-@_friendly
+@cli_errors
 def main(
     model_dir,
     heads_dir,

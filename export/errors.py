@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
+from query_sdk.errors import ExportError
+
 __all__ = ["ExportError", "UnsupportedOpError"]
-
-
-class ExportError(ValueError):
-    """Export cannot go on; the message names the file, value or op and what to do."""
 
 
 class UnsupportedOpError(ExportError):

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from gallery_builder.checkpoint import CheckpointError, read_config
-from gallery_builder.heads import Head, check_gallery_models, check_query_model, load_heads
 from gallery_builder.models import load_model
+from gallery_builder.models.checkpoint import CheckpointError, read_config
+from gallery_builder.training.heads import Head, check_gallery_models, check_query_model, load_heads
 from query_sdk.spec import InputSpec
 
 from .errors import ExportError

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gallery_builder.data import ImageSet, load_source
-from gallery_builder.sources import BUILTINS
+from gallery_builder.data.datasets import ImageSet, load_source
+from gallery_builder.data.sources import BUILTINS
 from query_sdk.gallery_format import GalleryError, load_shard, verify_gallery
 from query_sdk.shards import search_shards
 

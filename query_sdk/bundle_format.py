@@ -39,7 +39,6 @@ This module imports only the standard library (and query_sdk); never torch.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -50,13 +49,14 @@ from typing import Any
 
 from query_sdk.gallery_format import (
     GalleryError,
-    _refuse_constant,
     safe_join,
     sha256_file,
     utc_now_iso,
-    write_json_atomic,
 )
 from query_sdk.spec import InputSpec
+
+from .errors import FormatError
+from .fileio import read_json, write_json_atomic
 
 __all__ = [
     "FORMAT_VERSION",
@@ -102,7 +102,7 @@ _HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class BundleError(ValueError):
+class BundleError(FormatError):
     """A query bundle is missing, damaged or inconsistent; the message names the file and key."""
 
 
@@ -484,12 +484,9 @@ def write_bundle_manifest(folder: Path, manifest: BundleManifest) -> None:
 def read_bundle_manifest(folder: Path) -> BundleManifest:
     """Read and validate ``folder/manifest.json``; BundleError naming the file and key."""
     path = Path(folder) / MANIFEST_FILE
-    if not path.is_file():
+    if not path.exists():
         raise BundleError(f"{MANIFEST_FILE}: missing in {Path(folder)} (is it a query bundle?)")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BundleError(f"{MANIFEST_FILE}: not valid JSON ({path}): {exc}") from exc
+    d = read_json(path, "bundle manifest", BundleError)
     return BundleManifest.from_dict(d, where=str(path))
 
 

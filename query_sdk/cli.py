@@ -2,41 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from .bundle_format import QUANTIZATIONS, BundleError
-from .gallery_format import GalleryError
+from .bundle_format import QUANTIZATIONS
+from .errors import cli_errors
 from .images import ImageError
-from .runtimes import BACKENDS, BackendError
-
-KNOWN_ERRORS = (BundleError, GalleryError, BackendError, ImageError, ValueError, OSError,
-                ImportError)
-
-
-def friendly(errors: tuple[type[BaseException], ...], exit_code: int = 1):
-    """A decorator for CLI commands: ``errors`` become one line ``error: ...`` on stderr and
-    ``exit_code``; tracebacks only with CMCE_DEBUG=1."""
-
-    def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except errors as e:
-                if os.environ.get("CMCE_DEBUG"):
-                    raise
-                click.echo(f"error: {e}", err=True)
-                sys.exit(exit_code)
-
-        return wrapper
-
-    return decorate
+from .runtimes import BACKENDS
 
 
 def _uncertainty(_ctx, _param, value: str | None) -> float | str | None:
@@ -46,34 +21,74 @@ def _uncertainty(_ctx, _param, value: str | None) -> float | str | None:
     try:
         return float(value)
     except ValueError:
-        raise click.BadParameter(f"expected a number or a quantile name such as q0.9, "
-                                 f"got {value!r}") from None
+        raise click.BadParameter(
+            f"expected a number or a quantile name such as q0.9, got {value!r}"
+        ) from None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--bundle", required=True, type=click.Path(path_type=Path),
-              help="Query bundle folder (cmce-export output).")
-@click.option("--gallery", required=True, type=click.Path(path_type=Path),
-              help="Gallery folder (cmce-build-gallery output).")
+@click.option(
+    "--bundle",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Query bundle folder (cmce-export output).",
+)
+@click.option(
+    "--gallery",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Gallery folder (cmce-build-gallery output).",
+)
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--k", "k", default=10, show_default=True, type=click.IntRange(min=1),
-              help="Hits per image.")
-@click.option("--max-uncertainty", callback=_uncertainty,
-              help="Leave out gallery items more uncertain than this: a number, or a quantile "
-                   "of the gallery's uncertainties such as q0.9.")
-@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="onnxruntime",
-              show_default=True, help="Model runtime (coreml: macOS only).")
-@click.option("--quantization", type=click.Choice(QUANTIZATIONS),
-              help="Which exported model to run (default: the most precise in the bundle).")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Threads for the model and the search.")
-@click.option("--public-key", help="Refuse galleries not signed with this Ed25519 key "
-                                   "(hex, or a .pub file from `cmce-build-gallery keygen`).")
+@click.option(
+    "--k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="Hits per image."
+)
+@click.option(
+    "--max-uncertainty",
+    callback=_uncertainty,
+    help="Leave out gallery items more uncertain than this: a number, or a quantile "
+    "of the gallery's uncertainties such as q0.9.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(sorted(BACKENDS)),
+    default="onnxruntime",
+    show_default=True,
+    help="Model runtime (coreml: macOS only).",
+)
+@click.option(
+    "--quantization",
+    type=click.Choice(QUANTIZATIONS),
+    help="Which exported model to run (default: the most precise in the bundle).",
+)
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Threads for the model and the search.",
+)
+@click.option(
+    "--public-key",
+    help="Refuse galleries not signed with this Ed25519 key "
+    "(hex, or a .pub file from `cmce-build-gallery keygen`).",
+)
 @click.option("--shards", help="Load only these shards (positions, e.g. 0,2,3).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-@friendly(KNOWN_ERRORS, exit_code=2)
-def main(bundle, gallery, images, k, max_uncertainty, backend, quantization, threads,
-         public_key, shards, as_json) -> None:
+@cli_errors
+def main(
+    bundle,
+    gallery,
+    images,
+    k,
+    max_uncertainty,
+    backend,
+    quantization,
+    threads,
+    public_key,
+    shards,
+    as_json,
+) -> None:
     """Find the gallery items closest to each IMAGE.
 
     Opening checks the bundle's and the gallery's checksums (and signature, with
@@ -91,10 +106,18 @@ def main(bundle, gallery, images, k, max_uncertainty, backend, quantization, thr
     try:
         chosen = [int(s) for s in shards.split(",")] if shards else None
     except ValueError:
-        raise click.BadParameter(f"expected shard positions such as 0,2,3, got {shards!r}",
-                                 param_hint="--shards") from None
-    searcher = Searcher.open(bundle=bundle, gallery=gallery, backend=backend, threads=threads,
-                             quantization=quantization, public_key=public_key, shards=chosen)
+        raise click.BadParameter(
+            f"expected shard positions such as 0,2,3, got {shards!r}", param_hint="--shards"
+        ) from None
+    searcher = Searcher.open(
+        bundle=bundle,
+        gallery=gallery,
+        backend=backend,
+        threads=threads,
+        quantization=quantization,
+        public_key=public_key,
+        shards=chosen,
+    )
     results = searcher.search_batch(list(images), k=k, max_uncertainty=max_uncertainty)
     failed = 0
     records = []
@@ -105,15 +128,19 @@ def main(bundle, gallery, images, k, max_uncertainty, backend, quantization, thr
             if not as_json:
                 click.echo(f"error: {result}", err=True)
             continue
-        hits = [{"id": h.id, "score": h.score, "uncertainty": h.uncertainty,
-                 "payload": h.payload} for h in result]
+        hits = [
+            {"id": h.id, "score": h.score, "uncertainty": h.uncertainty, "payload": h.payload}
+            for h in result
+        ]
         records.append({"image": str(image), "hits": hits})
         if not as_json:
             click.echo(f"{image}:")
             for rank, h in enumerate(result, 1):
                 extra = f"  {json.dumps(h.payload)}" if h.payload else ""
-                click.echo(f"  {rank:>3}. {h.id}  score {h.score:.4f}  "
-                           f"uncertainty {h.uncertainty:.4f}{extra}")
+                click.echo(
+                    f"  {rank:>3}. {h.id}  score {h.score:.4f}  "
+                    f"uncertainty {h.uncertainty:.4f}{extra}"
+                )
             if not result:
                 click.echo("  (no hits)")
     if as_json:

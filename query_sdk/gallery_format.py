@@ -42,21 +42,22 @@ This module imports only the standard library, numpy and hnswlib (never torch).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import hnswlib
 import numpy as np
+
+from .errors import FormatError
+from .fileio import atomic_path, atomic_write, parse_json, write_json_atomic
 
 __all__ = [
     "FORMAT_VERSION",
@@ -97,7 +98,7 @@ _LABEL_SIZE = 8  # hnswlib labeltype = size_t
 _DELETE_MARK = 0x01
 
 
-class GalleryError(ValueError):
+class GalleryError(FormatError):
     """A gallery folder is missing, damaged or inconsistent; the message names the file."""
 
 
@@ -148,42 +149,6 @@ def safe_join(folder: Path, name: str) -> Path:
             f"manifest entry {name!r}: resolves to {resolved}, outside the gallery folder {root}"
         )
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _temp_path(folder: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _replace_all(pairs: Iterable[tuple[Path, Path]]) -> None:
-    """os.replace each ``(tmp, final)``; then fsync the folder."""
-    folders = set()
-    for tmp, final in pairs:
-        os.replace(tmp, final)
-        folders.add(final.parent)
-    for folder in folders:
-        _fsync_dir(folder)
-
-
-def _remove_quietly(paths: Iterable[Path]) -> None:
-    for p in paths:
-        with contextlib.suppress(OSError):
-            p.unlink()
 
 
 def _file_entry(path: Path) -> dict[str, Any]:
@@ -472,19 +437,16 @@ def _payload_json(p: Any, i: int) -> str:
         raise ValueError(f"payload[{i}] is not JSON-serialisable: {exc}") from exc
 
 
-def _write_meta_file(path: Path, meta: ShardMeta) -> None:
+def _write_meta_file(f: IO[bytes], meta: ShardMeta) -> None:
     payload = [_payload_json(p, i) for i, p in enumerate(meta.payload)]
-    with open(path, "wb") as f:
-        np.savez(
-            f,
-            ids=np.asarray(meta.ids, dtype=np.str_),
-            labels=np.asarray(meta.labels, dtype=np.int64),
-            uncertainty=np.asarray(meta.uncertainty, dtype=np.float32),
-            payload=np.asarray(payload, dtype=np.str_),
-            deleted=np.asarray(meta.deleted, dtype=bool),
-        )
-        f.flush()
-        os.fsync(f.fileno())
+    np.savez(
+        f,
+        ids=np.asarray(meta.ids, dtype=np.str_),
+        labels=np.asarray(meta.labels, dtype=np.int64),
+        uncertainty=np.asarray(meta.uncertainty, dtype=np.float32),
+        payload=np.asarray(payload, dtype=np.str_),
+        deleted=np.asarray(meta.deleted, dtype=bool),
+    )
 
 
 def read_meta(path: str | os.PathLike[str]) -> ShardMeta:
@@ -664,16 +626,11 @@ def write_shard(
 def _save_pair(
     folder: Path, index: hnswlib.Index, index_name: str, meta: ShardMeta, meta_name: str
 ) -> None:
-    """Write index and meta to temp files, then os.replace both into place."""
-    tmp_index = _temp_path(folder, index_name)
-    tmp_meta = _temp_path(folder, meta_name)
-    try:
-        index.save_index(str(tmp_index))
-        _fsync_file(tmp_index)
-        _write_meta_file(tmp_meta, meta)
-        _replace_all([(tmp_index, folder / index_name), (tmp_meta, folder / meta_name)])
-    finally:
-        _remove_quietly([tmp_index, tmp_meta])
+    """Write the index and its sidecar, each atomically (see :mod:`query_sdk.fileio`)."""
+    with atomic_path(folder / index_name) as tmp:
+        index.save_index(str(tmp))
+    with atomic_write(folder / meta_name) as f:
+        _write_meta_file(f, meta)
 
 
 def update_shard_deletions(
@@ -721,25 +678,6 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     write_json_atomic(Path(folder) / MANIFEST_FILE, d)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON (sorted keys, indent 2) via temp file + fsync + os.replace."""
-    path = Path(path)
-    text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=False) + "\n"
-    tmp = _temp_path(path.parent, path.name)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace_all([(tmp, path)])
-    finally:
-        _remove_quietly([tmp])
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name} is not JSON")
-
-
 def read_manifest_bytes(folder: Path) -> bytes:
     """The exact bytes of ``folder/manifest.json`` (what a signature covers)."""
     path = Path(folder) / MANIFEST_FILE
@@ -750,10 +688,7 @@ def read_manifest_bytes(folder: Path) -> bytes:
 
 def parse_manifest(data: bytes, where: str = MANIFEST_FILE) -> Manifest:
     """Parse and validate manifest bytes; GalleryError naming ``where`` on any problem."""
-    try:
-        d = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise GalleryError(f"{MANIFEST_FILE}: not valid JSON ({where}): {exc}") from exc
+    d = parse_json(data, where, GalleryError)
     return Manifest.from_dict(d, where=where)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import DataError
 from .spec import InputSpec, to_model_input
 
 __all__ = ["ImageError", "ImageLike", "decode_image", "load_image", "describe"]
@@ -17,7 +18,7 @@ __all__ = ["ImageError", "ImageLike", "decode_image", "load_image", "describe"]
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
-class ImageError(ValueError):
+class ImageError(DataError):
     """An image could not be read or converted; the message names the file."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle_format import Artifact
+from .errors import BackendError
 
 __all__ = ["BACKENDS", "BackendError", "Runtime", "check_backend", "open_runtime"]
 
@@ -26,10 +27,6 @@ BACKENDS = {
     "executorch": "executorch",
     "coreml": "coreml",
 }
-
-
-class BackendError(RuntimeError):
-    """A backend is unknown, not installed, unsupported here, or failed to run the model."""
 
 
 class Runtime(ABC):
@@ -51,9 +48,11 @@ class Runtime(ABC):
         """(N, H, W, C) uint8 -> (N, dim) float32, in chunks the model takes."""
         a = self.artifact
         if images.dtype != np.uint8 or list(images.shape[1:]) != a.input_shape[1:]:
-            raise ValueError(f"{a.file}: expects uint8 images of shape [N, "
-                             f"{', '.join(map(str, a.input_shape[1:]))}], got {images.dtype} "
-                             f"{list(images.shape)}")
+            raise ValueError(
+                f"{a.file}: expects uint8 images of shape [N, "
+                f"{', '.join(map(str, a.input_shape[1:]))}], got {images.dtype} "
+                f"{list(images.shape)}"
+            )
         x = images.astype(a.input_dtype)
         step = self.batch or self.max_batch or max(len(x), 1)
         parts = []
@@ -65,9 +64,11 @@ class Runtime(ABC):
             parts.append(np.array(self._run(chunk)[: len(chunk) - pad], dtype=np.float32))
         out = np.concatenate(parts) if parts else np.zeros((0, a.output_shape[-1]), np.float32)
         if out.shape != (len(images), a.output_shape[-1]) or not np.isfinite(out).all():
-            raise BackendError(f"{a.file}: the model returned {out.shape} (finite: "
-                               f"{bool(np.isfinite(out).all())}); expected "
-                               f"({len(images)}, {a.output_shape[-1]}) finite values")
+            raise BackendError(
+                f"{a.file}: the model returned {out.shape} (finite: "
+                f"{bool(np.isfinite(out).all())}); expected "
+                f"({len(images)}, {a.output_shape[-1]}) finite values"
+            )
         return out
 
     @abstractmethod
@@ -85,24 +86,29 @@ class OnnxRuntime(Runtime):
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise BackendError('the onnxruntime backend needs onnxruntime: pip install '
-                               'onnxruntime (or pip install cmce)') from exc
+            raise BackendError(
+                "the onnxruntime backend needs onnxruntime: pip install "
+                "onnxruntime (or pip install cmce)"
+            ) from exc
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=options,
-                                                 providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(
+                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BackendError(f"{artifact.file}: onnxruntime could not load it: {exc}") from exc
         inputs = [i.name for i in self._session.get_inputs()]
         outputs = [o.name for o in self._session.get_outputs()]
         if artifact.input_name not in inputs or artifact.output_name not in outputs:
-            raise BackendError(f"{artifact.file}: the manifest names input "
-                               f"{artifact.input_name!r} and output {artifact.output_name!r}; "
-                               f"the model has inputs {inputs} and outputs {outputs}")
+            raise BackendError(
+                f"{artifact.file}: the manifest names input "
+                f"{artifact.input_name!r} and output {artifact.output_name!r}; "
+                f"the model has inputs {inputs} and outputs {outputs}"
+            )
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         a = self.artifact
@@ -124,8 +130,9 @@ class ExecuTorchRuntime(Runtime):
             from executorch.extension.pybindings import portable_lib
             from executorch.runtime import Runtime as ETRuntime
         except ImportError as exc:
-            raise BackendError('the executorch backend needs executorch: pip install '
-                               '"cmce[executorch]"') from exc
+            raise BackendError(
+                'the executorch backend needs executorch: pip install "cmce[executorch]"'
+            ) from exc
         self._torch = torch
         portable_lib._unsafe_reset_threadpool(threads)
         try:
@@ -153,8 +160,9 @@ class CoreMLRuntime(Runtime):
         try:
             import coremltools as ct
         except ImportError as exc:
-            raise BackendError("the coreml backend needs coremltools: pip install "
-                               "coremltools") from exc
+            raise BackendError(
+                "the coreml backend needs coremltools: pip install coremltools"
+            ) from exc
         try:
             self._model = ct.models.MLModel(str(path))
         except Exception as exc:  # coremltools raises several types
@@ -166,8 +174,11 @@ class CoreMLRuntime(Runtime):
 
 
 _CLASSES: dict[str, type[Runtime]] = {
-    "onnxruntime": OnnxRuntime, "onnxruntime-ort": OnnxRuntime, "executorch": ExecuTorchRuntime,
-    "coreml": CoreMLRuntime}
+    "onnxruntime": OnnxRuntime,
+    "onnxruntime-ort": OnnxRuntime,
+    "executorch": ExecuTorchRuntime,
+    "coreml": CoreMLRuntime,
+}
 
 
 def check_backend(backend: str) -> None:
@@ -175,9 +186,11 @@ def check_backend(backend: str) -> None:
     if backend not in _CLASSES:
         raise BackendError(f"unknown backend {backend!r}; choose one of {sorted(_CLASSES)}")
     if backend == "coreml" and sys.platform != "darwin":
-        raise BackendError(f"the coreml backend runs only on macOS (Core ML is an Apple "
-                           f"framework); this is {sys.platform}: use backend='onnxruntime' "
-                           "or 'executorch'")
+        raise BackendError(
+            f"the coreml backend runs only on macOS (Core ML is an Apple "
+            f"framework); this is {sys.platform}: use backend='onnxruntime' "
+            "or 'executorch'"
+        )
 
 
 def open_runtime(backend: str, path: Path, artifact: Artifact, threads: int = 1) -> Runtime:
@@ -186,6 +199,8 @@ def open_runtime(backend: str, path: Path, artifact: Artifact, threads: int = 1)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
     if BACKENDS[backend] != artifact.target:
-        raise BackendError(f"backend {backend!r} runs {BACKENDS[backend]} artifacts, "
-                           f"{artifact.file} is {artifact.target}")
+        raise BackendError(
+            f"backend {backend!r} runs {BACKENDS[backend]} artifacts, "
+            f"{artifact.file} is {artifact.target}"
+        )
     return _CLASSES[backend](path, artifact, threads)

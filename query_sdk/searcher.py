@@ -37,8 +37,14 @@ class Searcher:
     vector, memory in use), ``bundle`` the bundle manifest, ``runtime`` the loaded model.
     """
 
-    def __init__(self, bundle: BundleManifest, artifact: Artifact, runtime: Runtime,
-                 gallery: Gallery, threads: int) -> None:
+    def __init__(
+        self,
+        bundle: BundleManifest,
+        artifact: Artifact,
+        runtime: Runtime,
+        gallery: Gallery,
+        threads: int,
+    ) -> None:
         self.bundle, self.artifact, self.runtime = bundle, artifact, runtime
         self.gallery, self.threads = gallery, threads
 
@@ -72,8 +78,13 @@ class Searcher:
         bundle = Path(bundle)
         manifest = read_bundle_manifest(bundle)
         artifact = _pick_artifact(manifest, BACKENDS[backend], quantization)
-        loaded = Gallery.open(gallery, shards=shards, public_key=public_key,
-                              space_id=manifest.space_id, dim=manifest.embedding_dim)
+        loaded = Gallery.open(
+            gallery,
+            shards=shards,
+            public_key=public_key,
+            space_id=manifest.space_id,
+            dim=manifest.embedding_dim,
+        )
         verify_bundle(bundle, [artifact])
         runtime = open_runtime(backend, bundle / artifact.file, artifact, threads)
         return cls(manifest, artifact, runtime, loaded, threads)
@@ -84,15 +95,18 @@ class Searcher:
         return self.bundle.input_spec
 
     def __repr__(self) -> str:
-        return (f"Searcher(model={self.artifact.file!r} {self.artifact.quantization} via "
-                f"{self.runtime.backend}, space_id={self.bundle.space_id!r}, {self.gallery!r})")
+        return (
+            f"Searcher(model={self.artifact.file!r} {self.artifact.quantization} via "
+            f"{self.runtime.backend}, space_id={self.bundle.space_id!r}, {self.gallery!r})"
+        )
 
     def embed(self, image: ImageLike) -> np.ndarray:
         """The query vector (dim,) of one image: a path, a PIL image or a uint8 array."""
         return self._embed(np.stack([load_image(image, self.spec)]))[0]
 
-    def search(self, image: ImageLike, k: int = 10,
-               max_uncertainty: float | str | None = None) -> list[Hit]:
+    def search(
+        self, image: ImageLike, k: int = 10, max_uncertainty: float | str | None = None
+    ) -> list[Hit]:
         """The k best gallery items for one image, best first.
 
         ``max_uncertainty``: leave out gallery items whose stored uncertainty is above this
@@ -101,8 +115,9 @@ class Searcher:
         """
         return self.gallery.search(self.embed(image), k, max_uncertainty, self.threads)[0]
 
-    def search_batch(self, images: Sequence[ImageLike], k: int = 10,
-                     max_uncertainty: float | str | None = None) -> list[list[Hit] | ImageError]:
+    def search_batch(
+        self, images: Sequence[ImageLike], k: int = 10, max_uncertainty: float | str | None = None
+    ) -> list[list[Hit] | ImageError]:
         """:meth:`search` for many images, in one model call; one entry per image, in order.
 
         An image that cannot be read gets its ImageError (naming the file) in its place,

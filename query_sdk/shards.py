@@ -32,8 +32,9 @@ _HNSW_FIXED = 65536 * 40
 _HNSW_PER_ITEM = 40 + 56
 
 
-def search_shards(shards: Sequence[tuple[object, int]], queries: np.ndarray, k: int,
-                  num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def search_shards(
+    shards: Sequence[tuple[object, int]], queries: np.ndarray, k: int, num_threads: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Search every shard and merge: (labels, scores), each (queries, k), best first.
 
     ``shards`` are pairs of a loaded ``hnswlib.Index`` (space ``ip`` on L2-normalised vectors,
@@ -63,7 +64,6 @@ def search_shards(shards: Sequence[tuple[object, int]], queries: np.ndarray, k: 
     return labels, scores
 
 
-
 @dataclass(frozen=True)
 class Hit:
     """One search result: the gallery item's id, cosine similarity to the query (higher is
@@ -90,15 +90,23 @@ class Gallery:
         labels = np.concatenate([m.labels for m in metas]) if metas else np.zeros(0, np.int64)
         self._order = np.argsort(labels, kind="stable")
         self._sorted_labels = labels[self._order]
-        self._uncertainty = (np.concatenate([m.uncertainty for m in metas])
-                             if metas else np.zeros(0, np.float32))
+        self._uncertainty = (
+            np.concatenate([m.uncertainty for m in metas]) if metas else np.zeros(0, np.float32)
+        )
         self._ids = [i for m in metas for i in m.ids]
         self._payload = [p for m in metas for p in m.payload]
         self._memory = (
-            sum(manifest.shards[i].files[manifest.shards[i].index_file]["bytes"] + _HNSW_FIXED
-                + manifest.shards[i].count * _HNSW_PER_ITEM for i in shards)
+            sum(
+                manifest.shards[i].files[manifest.shards[i].index_file]["bytes"]
+                + _HNSW_FIXED
+                + manifest.shards[i].count * _HNSW_PER_ITEM
+                for i in shards
+            )
             + sum(sys.getsizeof(x) + 8 for x in self._ids + self._payload)
-            + self._uncertainty.nbytes + self._sorted_labels.nbytes + self._order.nbytes)
+            + self._uncertainty.nbytes
+            + self._sorted_labels.nbytes
+            + self._order.nbytes
+        )
 
     @classmethod
     def open(
@@ -139,8 +147,9 @@ class Gallery:
             raise ValueError(f"shards lists a shard more than once: {selected}")
         verify_gallery(folder, manifest, selected)
         ef = manifest.hnsw["ef_search"]
-        loaded = [load_shard(folder, manifest.shards[i], manifest.dim, ef, verify=False)
-                  for i in selected]
+        loaded = [
+            load_shard(folder, manifest.shards[i], manifest.dim, ef, verify=False) for i in selected
+        ]
         return cls(folder, manifest, selected, loaded)
 
     @property
@@ -155,9 +164,11 @@ class Gallery:
         return self._memory
 
     def __repr__(self) -> str:
-        return (f"Gallery({str(self.folder)!r}, space_id={self.manifest.space_id!r}, "
-                f"shards={len(self.shards)}/{len(self.manifest.shards)}, items={self.count}, "
-                f"memory={self._memory / 2**20:.1f} MiB)")
+        return (
+            f"Gallery({str(self.folder)!r}, space_id={self.manifest.space_id!r}, "
+            f"shards={len(self.shards)}/{len(self.manifest.shards)}, items={self.count}, "
+            f"memory={self._memory / 2**20:.1f} MiB)"
+        )
 
     def uncertainty_limit(self, max_uncertainty: float | str | None) -> float | None:
         """The threshold for ``max_uncertainty``: a number, or a quantile name from the
@@ -174,17 +185,28 @@ class Gallery:
             for key, value in quantiles.items():
                 if wanted is not None and float(key) == wanted:
                     return float(value)
-            raise ValueError(f"max_uncertainty {max_uncertainty!r}: the manifest has no such "
-                             f"uncertainty quantile; it has {names or 'none'}")
-        if isinstance(max_uncertainty, bool) or not isinstance(max_uncertainty, (int, float)) \
-                or not math.isfinite(max_uncertainty):
-            raise ValueError(f"max_uncertainty must be a finite number or a quantile name such "
-                             f"as 'q0.9', got {max_uncertainty!r}")
+            raise ValueError(
+                f"max_uncertainty {max_uncertainty!r}: the manifest has no such "
+                f"uncertainty quantile; it has {names or 'none'}"
+            )
+        if (
+            isinstance(max_uncertainty, bool)
+            or not isinstance(max_uncertainty, (int, float))
+            or not math.isfinite(max_uncertainty)
+        ):
+            raise ValueError(
+                f"max_uncertainty must be a finite number or a quantile name such "
+                f"as 'q0.9', got {max_uncertainty!r}"
+            )
         return float(max_uncertainty)
 
-    def search(self, vectors: np.ndarray, k: int = 10,
-               max_uncertainty: float | str | None = None,
-               threads: int = 1) -> list[list[Hit]]:
+    def search(
+        self,
+        vectors: np.ndarray,
+        k: int = 10,
+        max_uncertainty: float | str | None = None,
+        threads: int = 1,
+    ) -> list[list[Hit]]:
         """Top-k hits for each query vector (N, dim) or (dim,), best first.
 
         With ``max_uncertainty`` (see :meth:`uncertainty_limit`), items whose stored
@@ -195,13 +217,21 @@ class Gallery:
         for row_labels, row_scores in zip(labels, scores, strict=True):
             valid = row_labels >= 0
             rows = self._rows(row_labels[valid]).tolist()
-            out.append([Hit(self._ids[r], float(s), float(self._uncertainty[r]), self._payload[r])
-                        for r, s in zip(rows, row_scores[valid].tolist(), strict=True)])
+            out.append(
+                [
+                    Hit(self._ids[r], float(s), float(self._uncertainty[r]), self._payload[r])
+                    for r, s in zip(rows, row_scores[valid].tolist(), strict=True)
+                ]
+            )
         return out
 
-    def search_labels(self, vectors: np.ndarray, k: int = 10,
-                      max_uncertainty: float | str | None = None,
-                      threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def search_labels(
+        self,
+        vectors: np.ndarray,
+        k: int = 10,
+        max_uncertainty: float | str | None = None,
+        threads: int = 1,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """As :meth:`search`, as arrays: hnswlib labels and scores (N, k); -1 / -inf pad."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
@@ -235,14 +265,18 @@ class Gallery:
         if q.ndim == 1:
             q = q[None]
         if q.ndim != 2 or q.shape[1] != self.manifest.dim:
-            raise ValueError(f"query vectors must be (N, {self.manifest.dim}) or "
-                             f"({self.manifest.dim},), got shape {np.shape(vectors)}")
+            raise ValueError(
+                f"query vectors must be (N, {self.manifest.dim}) or "
+                f"({self.manifest.dim},), got shape {np.shape(vectors)}"
+            )
         if not np.isfinite(q).all():
             raise ValueError("query vectors contain NaN/inf")
         norms = np.linalg.norm(q.astype(np.float64), axis=1)
         off = np.abs(norms - 1.0) > NORM_TOLERANCE
         if off.any():
             i = int(np.flatnonzero(off)[0])
-            raise ValueError(f"query vectors must be L2-normalised (metric cosine); row {i} "
-                             f"has norm {norms[i]:.6f}")
+            raise ValueError(
+                f"query vectors must be L2-normalised (metric cosine); row {i} "
+                f"has norm {norms[i]:.6f}"
+            )
         return np.ascontiguousarray(q)

@@ -14,7 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from .gallery_format import MANIFEST_FILE, GalleryError
+from .errors import CmceError, SignatureError
+from .gallery_format import MANIFEST_FILE
 
 __all__ = [
     "SIGNATURE_FILE",
@@ -29,10 +30,6 @@ __all__ = [
 SIGNATURE_FILE = "manifest.sig"
 ALGORITHM = "ed25519"
 KEY_BYTES = 32
-
-
-class SignatureError(GalleryError):
-    """A gallery's signature is missing, malformed or does not match the trusted key."""
 
 
 def _nacl():
@@ -82,7 +79,7 @@ def generate_keys(base: str | os.PathLike[str]) -> tuple[Path, Path]:
     secret_path, public_path = Path(f"{base}.key"), Path(f"{base}.pub")
     for p in (secret_path, public_path):
         if p.exists():
-            raise FileExistsError(f"{p} exists; choose another name or remove it first")
+            raise CmceError(f"{p} exists; choose another name or remove it first")
     key = signing.SigningKey.generate()
     fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gallery_builder.evaluate import run_experiment
-from gallery_builder.experiment import PRESETS
-from gallery_builder.report import write_report
+from gallery_builder.evaluation.experiment import PRESETS
+from gallery_builder.evaluation.report import write_report
+from gallery_builder.evaluation.run import run_experiment
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,7 +12,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from gallery_builder.gallery import BuildSettings, build
+from gallery_builder.gallery.build import BuildSettings, build
 from query_sdk.spec import InputSpec
 
 GALLERY_MODELS = ("resnet", "widecnn", "vit")
@@ -21,9 +21,11 @@ GALLERY_MODELS = ("resnet", "widecnn", "vit")
 def run_smoke(command, tmp_path, *args) -> dict:
     """Run a benchmark's click command with --smoke into tmp_path; return its JSON."""
     out = tmp_path / "out"
-    result = CliRunner().invoke(command, ["--smoke", "--out", str(out), "--results",
-                                          str(tmp_path / "RESULTS.md"), *map(str, args)],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        command,
+        ["--smoke", "--out", str(out), "--results", str(tmp_path / "RESULTS.md"), *map(str, args)],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     name = command.callback.__module__.rsplit(".", 1)[-1]
     data = json.loads((out / f"{name}.json").read_text())
@@ -43,8 +45,13 @@ def positive_times(stats: dict) -> bool:
 def digits_gallery(digits_run, tmp_path_factory):
     _, _, run_dir = digits_run
     out = tmp_path_factory.mktemp("bench") / "gallery"
-    build([run_dir / "models" / n for n in GALLERY_MODELS], run_dir / "heads" / "unified",
-          "digits", out, BuildSettings(shard_size=600))
+    build(
+        [run_dir / "models" / n for n in GALLERY_MODELS],
+        run_dir / "heads" / "unified",
+        "digits",
+        out,
+        BuildSettings(shard_size=600),
+    )
     return run_dir, out
 
 
@@ -52,9 +59,20 @@ def test_search_smoke(digits_gallery, tmp_path):
     from benchmarks.search import main
 
     run_dir, gallery = digits_gallery
-    data = run_smoke(main, tmp_path, "--cache", tmp_path / "cache", "--gallery", gallery,
-                     "--query-model", run_dir / "models" / "query",
-                     "--query-heads", run_dir / "heads" / "unified", "--query-images", "digits")
+    data = run_smoke(
+        main,
+        tmp_path,
+        "--cache",
+        tmp_path / "cache",
+        "--gallery",
+        gallery,
+        "--query-model",
+        run_dir / "models" / "query",
+        "--query-heads",
+        run_dir / "heads" / "unified",
+        "--query-images",
+        "digits",
+    )
     synthetic, real = data["points"]
     assert synthetic["items"] == 2000 and real["items"] == 1797 and real["dim"] == 32
     for point in data["points"]:
@@ -72,16 +90,29 @@ def test_search_smoke(digits_gallery, tmp_path):
     assert real["engines"][2]["engine"] == "hnswlib, 3 shards (SDK merge)"
     # the cached indexes are reused: same file, same build time, no rebuild
     again = run_smoke(main, tmp_path, "--cache", tmp_path / "cache")
-    assert again["points"][0]["engines"][0]["build_seconds"] == \
-        synthetic["engines"][0]["build_seconds"]
+    assert (
+        again["points"][0]["engines"][0]["build_seconds"]
+        == synthetic["engines"][0]["build_seconds"]
+    )
 
 
 def test_build_smoke(digits_run, tmp_path):
     from benchmarks.build import main
 
     _, _, run_dir = digits_run
-    data = run_smoke(main, tmp_path, "--run", run_dir, "--images", "digits",
-                     "--engines", "local", "--large", "--work", tmp_path / "work")
+    data = run_smoke(
+        main,
+        tmp_path,
+        "--run",
+        run_dir,
+        "--images",
+        "digits",
+        "--engines",
+        "local",
+        "--large",
+        "--work",
+        tmp_path / "work",
+    )
     assert [p["models"] for p in data["points"]] == [1, 2]
     assert data["points"][1]["model_names"] == ["resnet", "widecnn"]
     for point in data["points"]:
@@ -111,9 +142,14 @@ def digits_bundle(digits_gallery):
     from benchmarks.latency import export_query_bundle
 
     run_dir, gallery = digits_gallery
-    bundle = export_query_bundle(run_dir / "models" / "query", run_dir / "heads" / "unified",
-                                 "digits", gallery.parent / "bundle", smoke=True,
-                                 jobs=[("onnx", "fp32"), ("onnx", "int8")])
+    bundle = export_query_bundle(
+        run_dir / "models" / "query",
+        run_dir / "heads" / "unified",
+        "digits",
+        gallery.parent / "bundle",
+        smoke=True,
+        jobs=[("onnx", "fp32"), ("onnx", "int8")],
+    )
     return run_dir, gallery, bundle
 
 
@@ -121,9 +157,19 @@ def test_latency_smoke(digits_bundle, tmp_path):
     from benchmarks.latency import main
 
     run_dir, _, bundle = digits_bundle
-    data = run_smoke(main, tmp_path, "--query-model", run_dir / "models" / "query",
-                     "--query-heads", run_dir / "heads" / "unified", "--calibration", "digits",
-                     "--bundle", bundle, "--no-mobilenet")
+    data = run_smoke(
+        main,
+        tmp_path,
+        "--query-model",
+        run_dir / "models" / "query",
+        "--query-heads",
+        run_dir / "heads" / "unified",
+        "--calibration",
+        "digits",
+        "--bundle",
+        bundle,
+        "--no-mobilenet",
+    )
     (model,) = data["models"]
     assert model["input"] == [1, 8, 8, 1] and model["params"] > 0 and model["mflops"] > 0
     rows = {(r["runtime"], r["quantization"]): r for r in model["rows"]}
@@ -139,13 +185,25 @@ def test_end_to_end_smoke(digits_bundle, tmp_path):
     from benchmarks.end_to_end import STAGES, main
 
     _, gallery, bundle = digits_bundle
-    data = run_smoke(main, tmp_path, "--bundle", bundle, "--gallery", gallery,
-                     "--gallery", gallery, "--images", "digits")
+    data = run_smoke(
+        main,
+        tmp_path,
+        "--bundle",
+        bundle,
+        "--gallery",
+        gallery,
+        "--gallery",
+        gallery,
+        "--images",
+        "digits",
+    )
     assert data["queries"] == 30 and data["threads"] == 1 and len(data["galleries"]) == 2
     for g in data["galleries"]:
         assert g["items"] == 1797 and g["path"] == str(gallery)
-        assert [(v["backend"], v["quantization"]) for v in g["variants"]] == \
-            [("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+        assert [(v["backend"], v["quantization"]) for v in g["variants"]] == [
+            ("onnxruntime", "fp32"),
+            ("onnxruntime", "int8"),
+        ]
         for v in g["variants"]:
             for stage in (*STAGES, "total"):
                 assert positive_times(v["stages"][stage]) and v["stages"][stage]["n"] == 30
@@ -155,10 +213,24 @@ def test_accuracy_smoke(digits_bundle, tmp_path):
     from benchmarks.accuracy import main
 
     run_dir, gallery, bundle = digits_bundle
-    data = run_smoke(main, tmp_path, "--report", run_dir / "report.json", "--bundle", bundle,
-                     "--gallery", gallery, "--gallery-images", "digits", "--images", "digits",
-                     "--query-model", run_dir / "models" / "query",
-                     "--query-heads", run_dir / "heads" / "unified")
+    data = run_smoke(
+        main,
+        tmp_path,
+        "--report",
+        run_dir / "report.json",
+        "--bundle",
+        bundle,
+        "--gallery",
+        gallery,
+        "--gallery-images",
+        "digits",
+        "--images",
+        "digits",
+        "--query-model",
+        run_dir / "models" / "query",
+        "--query-heads",
+        run_dir / "heads" / "unified",
+    )
     assert data["queries"] == 200 and data["report_settings"]
     fp32 = next(v for v in data["variants"] if v["quantization"] == "fp32")
     # the ONNX fp32 artifact is the torch graph: same vectors, same top-1 hits

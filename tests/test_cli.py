@@ -7,8 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from gallery_builder import data as data_module
-from gallery_builder.cli import main
+from gallery_builder.cli.main import main
+from gallery_builder.data import datasets as data_module
+from query_sdk import errors
 
 SMALL = ["--data", "digits", "--epochs", "2", "--batch-size", "64"]
 
@@ -21,16 +22,55 @@ def invoke(*args):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     for name, arch, dim in (("resnet", "resnet", 24), ("widecnn", "widecnn", 32)):
-        r = invoke("train", "gallery", "--arch", arch, "--embedding-dim", dim,
-                   "--kwargs", '{"width": 8}', "--out", root / name, "--seed", 1, *SMALL)
+        r = invoke(
+            "train",
+            "gallery",
+            "--arch",
+            arch,
+            "--embedding-dim",
+            dim,
+            "--kwargs",
+            '{"width": 8}',
+            "--out",
+            root / name,
+            "--seed",
+            1,
+            *SMALL,
+        )
         assert r.exit_code == 0, r.output
     for name, seed in (("query", 2), ("query-new", 3)):
-        r = invoke("train", "query", "--embedding-dim", 16, "--kwargs", '{"width": 4}',
-                   "--out", root / name, "--seed", seed, *SMALL)
+        r = invoke(
+            "train",
+            "query",
+            "--embedding-dim",
+            16,
+            "--kwargs",
+            '{"width": 4}',
+            "--out",
+            root / name,
+            "--seed",
+            seed,
+            *SMALL,
+        )
         assert r.exit_code == 0, r.output
-    r = invoke("train", "heads", "--query", root / "query", "--gallery-model", root / "resnet",
-               "--gallery-model", root / "widecnn", "--data", "digits", "--dim", 16,
-               "--epochs", 3, "--out", root / "heads")
+    r = invoke(
+        "train",
+        "heads",
+        "--query",
+        root / "query",
+        "--gallery-model",
+        root / "resnet",
+        "--gallery-model",
+        root / "widecnn",
+        "--data",
+        "digits",
+        "--dim",
+        16,
+        "--epochs",
+        3,
+        "--out",
+        root / "heads",
+    )
     assert r.exit_code == 0, r.output
     return root
 
@@ -47,9 +87,20 @@ def test_train_writes_checkpoints(trained):
 
 
 def test_update_keeps_the_space(trained):
-    r = invoke("train", "update", "--heads", trained / "heads", "--query",
-               trained / "query-new", "--data", "digits", "--epochs", 3,
-               "--out", trained / "heads-new")
+    r = invoke(
+        "train",
+        "update",
+        "--heads",
+        trained / "heads",
+        "--query",
+        trained / "query-new",
+        "--data",
+        "digits",
+        "--epochs",
+        3,
+        "--out",
+        trained / "heads-new",
+    )
     assert r.exit_code == 0, r.output
     old = json.loads((trained / "heads" / "config.json").read_text())
     new = json.loads((trained / "heads-new" / "config.json").read_text())
@@ -63,10 +114,22 @@ def test_update_refuses_heads_without_stored_embeddings(trained, tmp_path):
     bare.mkdir()
     for name in ("config.json", "weights.safetensors"):
         (bare / name).write_bytes((trained / "heads" / name).read_bytes())
-    r = CliRunner().invoke(main, ["train", "update", "--heads", str(bare), "--query",
-                                  str(trained / "query-new"), "--data", "digits",
-                                  "--out", str(tmp_path / "out")])
-    assert r.exit_code == 1
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "update",
+            "--heads",
+            str(bare),
+            "--query",
+            str(trained / "query-new"),
+            "--data",
+            "digits",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert r.exit_code == errors.CheckpointError.exit_code
     assert "has no train-embeddings.safetensors" in r.output
     assert not (tmp_path / "out").exists()
 
@@ -79,34 +142,74 @@ def test_update_refuses_other_training_data(trained, tmp_path):
         folder = tmp_path / "images" / str(digits.labels[i])
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(digits.images[i, :, :, 0]).save(folder / f"{i}.png")
-    r = CliRunner().invoke(main, ["train", "update", "--heads", str(trained / "heads"),
-                                  "--query", str(trained / "query-new"),
-                                  "--data", str(tmp_path / "images"),
-                                  "--out", str(tmp_path / "out")])
-    assert r.exit_code == 1
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "update",
+            "--heads",
+            str(trained / "heads"),
+            "--query",
+            str(trained / "query-new"),
+            "--data",
+            str(tmp_path / "images"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert r.exit_code == errors.DataError.exit_code
     assert "has 20 images; the heads were trained on 1797" in r.output
     assert not (tmp_path / "out").exists()
 
 
 def test_eval_json(trained):
-    r = invoke("eval", "--query", trained / "query", "--heads", trained / "heads",
-               "--gallery-model", trained / "resnet", "--gallery-model", trained / "widecnn",
-               "--gallery-images", "digits", "--query-images", "digits", "--json")
+    r = invoke(
+        "eval",
+        "--query",
+        trained / "query",
+        "--heads",
+        trained / "heads",
+        "--gallery-model",
+        trained / "resnet",
+        "--gallery-model",
+        trained / "widecnn",
+        "--gallery-images",
+        "digits",
+        "--query-images",
+        "digits",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
-    assert set(out["settings"]) == {"sym:query", "unified:resnet", "unified:widecnn",
-                                    "unified:ensemble"}
+    assert set(out["settings"]) == {
+        "sym:query",
+        "unified:resnet",
+        "unified:widecnn",
+        "unified:ensemble",
+    }
     # gallery == queries: each query finds itself (or an exact duplicate) first
     assert out["settings"]["sym:query"]["recall_at_1"] == pytest.approx(1.0)
     assert 0.1 < out["settings"]["unified:ensemble"]["map_at_r"] <= 1.0
 
 
 def test_eval_refuses_heads_of_another_query_model(trained):
-    r = CliRunner().invoke(main, [
-        "eval", "--query", str(trained / "query-new"), "--heads", str(trained / "heads"),
-        "--gallery-model", str(trained / "resnet"), "--gallery-images", "digits",
-        "--query-images", "digits"])
-    assert r.exit_code == 1
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            "--query",
+            str(trained / "query-new"),
+            "--heads",
+            str(trained / "heads"),
+            "--gallery-model",
+            str(trained / "resnet"),
+            "--gallery-images",
+            "digits",
+            "--query-images",
+            "digits",
+        ],
+    )
+    assert r.exit_code == errors.CheckpointError.exit_code
     assert "error: heads belong to query model" in r.output
     new_fp = json.loads((trained / "query-new" / "config.json").read_text())["fingerprint"]
     assert new_fp in r.output
@@ -118,15 +221,19 @@ def test_missing_dataset_names_all_three_ways(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setattr(data_module, "SYSTEM_DATA_DIRS", (tmp_path / "system",))
     r = CliRunner().invoke(main, ["data", "where"])
-    assert r.exit_code == 1
-    for way in ("cmce data fetch fashion-mnist", "apt-get download dataset-fashion-mnist",
-                "torchvision"):
+    assert r.exit_code == errors.DataError.exit_code
+    for way in (
+        "cmce data fetch fashion-mnist",
+        "apt-get download dataset-fashion-mnist",
+        "torchvision",
+    ):
         assert way in r.output
 
 
 def test_folder_needs_an_input_spec(tmp_path):
-    r = CliRunner().invoke(main, ["train", "gallery", "--data", str(tmp_path), "--out",
-                                  str(tmp_path / "m")])
+    r = CliRunner().invoke(
+        main, ["train", "gallery", "--data", str(tmp_path), "--out", str(tmp_path / "m")]
+    )
     assert r.exit_code == 2 and "--input-spec" in r.output
 
 

@@ -1,4 +1,4 @@
-"""Tests for gallery_builder.data: IDX files, Fashion-MNIST lookup, digits, image folders.
+"""Tests for gallery_builder.data.datasets: IDX files, Fashion-MNIST lookup, digits, image folders.
 
 No network and no real Fashion-MNIST: tiny IDX files are generated in tmp_path, and HOME,
 XDG_CACHE_HOME, CMCE_DATA and the system folders are pointed at temporary folders.
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gallery_builder import data
-from gallery_builder.data import (
+from gallery_builder.data import datasets as data
+from gallery_builder.data.datasets import (
     FASHION_MNIST_CLASSES,
     DataError,
     DatasetMissing,
@@ -326,7 +326,7 @@ def folder(tmp_path):
 
 def test_load_image_folder_rgb(folder, caplog):
     spec = InputSpec(height=12, width=10, channels=3)
-    with caplog.at_level(logging.WARNING, logger="gallery_builder.data"):
+    with caplog.at_level(logging.WARNING, logger="gallery_builder.data.datasets"):
         ds = load_image_folder(folder, spec)
     assert ds.classes == ["cat", "dog"]
     assert ds.ids == ["cat/a.png", "cat/b.jpg", "dog/c.png", "dog/e.png", "dog/more/d.JPEG"]

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from gallery_builder.heads import load_heads
+from gallery_builder.training.heads import load_heads
 
 SETTING_KEYS = {"recall_at_1", "recall_at_1_std", "recall_at_5", "map_at_r"}
 VIEW_KEYS = {"coverage", "score", "score_random", "aurc", "aurc_random"}
@@ -35,7 +35,8 @@ def test_report_follows_the_contract(run):
     rej = on_disk["rejection"]
     assert VIEW_KEYS <= set(rej["gallery_drop"]) and VIEW_KEYS <= set(rej["gallery_quality"])
     assert VIEW_KEYS | {"score_similarity", "score_best", "aurc_similarity", "aurc_best"} <= set(
-        rej["query_time"])
+        rej["query_time"]
+    )
     for view in rej.values():
         assert view["coverage"][0] == 1.0 and view["coverage"] == sorted(view["coverage"])[::-1]
         assert len(view["score"]) == len(view["coverage"]) == len(view["score_random"])
@@ -52,8 +53,11 @@ def test_models_learn_and_the_ensemble_helps(run):
     s = report["settings"]
     assert s["sym:resnet"]["recall_at_1"] > 0.8  # 10 classes: chance is 0.1
     mode = report["default_mode"]
-    singles = [v["recall_at_1"] for k, v in s.items()
-               if k.startswith(f"{mode}:") and not k.endswith("ensemble")]
+    singles = [
+        v["recall_at_1"]
+        for k, v in s.items()
+        if k.startswith(f"{mode}:") and not k.endswith("ensemble")
+    ]
     assert s[f"{mode}:ensemble"]["recall_at_1"] > sum(singles) / len(singles)
     assert s[f"{mode}:ensemble"]["recall_at_1"] > 0.3
 
@@ -90,10 +94,10 @@ def test_artifacts_are_written(run):
 
 def test_cached_models_are_reused(run, caplog):
     cfg, report, out = run
-    from gallery_builder.experiment import get_model, load_splits
+    from gallery_builder.evaluation.experiment import get_model, load_splits
 
     splits = load_splits(cfg)
-    with caplog.at_level("INFO", logger="gallery_builder.experiment"):
+    with caplog.at_level("INFO", logger="gallery_builder.evaluation.experiment"):
         _, config = get_model(cfg.query_model, cfg, splits.train, out / "models", "query")
     assert "reusing" in caplog.text
     assert config["params"] == report["models"]["query"]["params"]

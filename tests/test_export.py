@@ -23,8 +23,9 @@ from export.errors import ExportError, UnsupportedOpError
 from export.executorch import export_executorch, run_executorch
 from export.graph import ModelIO, load_export_source, query_io
 from export.onnx import export_onnx, run_onnx
-from gallery_builder.data import load_digits
-from gallery_builder.gallery import BuildSettings, build
+from gallery_builder.data.datasets import load_digits
+from gallery_builder.gallery.build import BuildSettings, build
+from query_sdk import errors
 from query_sdk.bundle_format import (
     MANIFEST_FILE,
     ORT_OPERATORS_FILE,
@@ -148,14 +149,19 @@ def test_int8_is_smaller(exported):
         int8 = find_artifact(result.manifest, target, "int8").bytes
         # the digits model is tiny: fixed overheads keep the ratio above the 0.35 of real models
         assert int8 < 0.75 * fp32, (target, int8, fp32)
-    files = {q: find_artifact(result.manifest, "coreml", q).file for q in OFFERED["coreml"]
-             if q != "pal6"}
+    files = {
+        q: find_artifact(result.manifest, "coreml", q).file
+        for q in OFFERED["coreml"]
+        if q != "pal6"
+    }
     packages = {q: path_digest(bundle / f)[0] for q, f in files.items()}
     assert packages["pal4"] < packages["int8"] < packages["fp16"] < packages["fp32"]
     # the weights alone: 4-bit indices (+ 16-entry tables, 64-byte alignment per tensor) are
     # 0.20 of fp32 and 0.62 of int8 on this tiny model; the program text is the same in all
-    weights = {q: (bundle / f / "Data/com.apple.CoreML/weights/weight.bin").stat().st_size
-               for q, f in files.items()}
+    weights = {
+        q: (bundle / f / "Data/com.apple.CoreML/weights/weight.bin").stat().st_size
+        for q, f in files.items()
+    }
     assert weights["pal4"] < 0.22 * weights["fp32"] and weights["pal4"] < 0.65 * weights["int8"]
 
 
@@ -222,11 +228,13 @@ def test_ort_format_copies_run_like_the_onnx_files(exported):
     assert "QuantizeLinear" in config  # the int8 graph's operators are listed too
     # the SDK keeps the .onnx for "onnxruntime" and runs the .ort with "onnxruntime-ort"
     default = Searcher.open(bundle=bundle, gallery=gallery)
-    ort_searcher = Searcher.open(bundle=bundle, gallery=gallery, backend="onnxruntime-ort",
-                                 quantization="int8")
+    ort_searcher = Searcher.open(
+        bundle=bundle, gallery=gallery, backend="onnxruntime-ort", quantization="int8"
+    )
     assert default.artifact.file == "query.onnx" and ort_searcher.artifact.file == "query.int8.ort"
     np.testing.assert_allclose(
-        ort_searcher.embed(images[0]), run_onnx(bundle / "query.int8.onnx", images[:1])[0],
+        ort_searcher.embed(images[0]),
+        run_onnx(bundle / "query.int8.onnx", images[:1])[0],
         atol=1e-5,
     )
 
@@ -276,8 +284,20 @@ def _manifest(files: dict[str, str]) -> BundleManifest:
         embedding_dim=4,
         query_fingerprint="fp",
         artifacts=[
-            Artifact(target, "fp32", file, 1, "0" * 64, "query", "images", [-1, 8, 8, 1],
-                     "uint8", "embedding", [-1, 4], Validation("onnxruntime", 256, 0.99, 0.999))
+            Artifact(
+                target,
+                "fp32",
+                file,
+                1,
+                "0" * 64,
+                "query",
+                "images",
+                [-1, 8, 8, 1],
+                "uint8",
+                "embedding",
+                [-1, 4],
+                Validation("onnxruntime", 256, 0.99, 0.999),
+            )
             for file, target in files.items()
         ],
     )
@@ -345,10 +365,24 @@ def test_cli_refuses_existing_out_without_force(digits_run, tmp_path):
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    args = ["--model", str(query), "--heads", str(heads), "--target", "onnx",
-            "--validation", "digits", "--validation-images", "256", "--out", str(out)]
+    args = [
+        "--model",
+        str(query),
+        "--heads",
+        str(heads),
+        "--target",
+        "onnx",
+        "--validation",
+        "digits",
+        "--validation-images",
+        "256",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(export_cli, args)
-    assert result.exit_code == 1 and "exists; pass --force" in result.output
+    assert (
+        result.exit_code == errors.ExportError.exit_code and "exists; pass --force" in result.output
+    )
     assert (out / "keep.txt").read_text() == "mine"
     result = CliRunner().invoke(export_cli, [*args, "--force", "--json"])
     assert result.exit_code == 0, result.output
@@ -363,9 +397,26 @@ def test_cli_coreml_target_and_palettization(digits_run, tmp_path):
     _, _, run_dir = digits_run
     query, heads, _ = _dirs(run_dir)
     out = tmp_path / "bundle"
-    args = ["--model", str(query), "--heads", str(heads), "--target", "coreml", "--target", "onnx",
-            "--quantize", "pal6", "--coreml-target", "iOS18", "--validation", "digits",
-            "--validation-images", "256", "--out", str(out)]
+    args = [
+        "--model",
+        str(query),
+        "--heads",
+        str(heads),
+        "--target",
+        "coreml",
+        "--target",
+        "onnx",
+        "--quantize",
+        "pal6",
+        "--coreml-target",
+        "iOS18",
+        "--validation",
+        "digits",
+        "--validation-images",
+        "256",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(export_cli, args)
     assert result.exit_code == 0, result.output
     assert "note: onnx does not offer pal6; left out" in result.output
@@ -380,14 +431,25 @@ def test_cli_coreml_target_and_palettization(digits_run, tmp_path):
 def test_cli_refuses_options_without_their_target(digits_run, tmp_path):
     _, _, run_dir = digits_run
     query, heads, _ = _dirs(run_dir)
-    args = ["--model", str(query), "--heads", str(heads), "--validation", "digits",
-            "--out", str(tmp_path / "b")]
+    args = [
+        "--model",
+        str(query),
+        "--heads",
+        str(heads),
+        "--validation",
+        "digits",
+        "--out",
+        str(tmp_path / "b"),
+    ]
     result = CliRunner().invoke(export_cli, [*args, "--target", "onnx", "--quantize", "pal4"])
-    assert result.exit_code == 1
+    assert result.exit_code == errors.ExportError.exit_code
     assert "onnx does not offer pal4; left out" in result.output
     assert "nothing to export" in result.output
     result = CliRunner().invoke(export_cli, [*args, "--target", "coreml", "--ort-format"])
-    assert result.exit_code == 1 and "--ort-format converts the ONNX artifacts" in result.output
+    assert (
+        result.exit_code == errors.ExportError.exit_code
+        and "--ort-format converts the ONNX artifacts" in result.output
+    )
     result = CliRunner().invoke(export_cli, [*args, "--coreml-target", "iOS15"])
     assert result.exit_code == 2 and "'iOS15' is not one of" in result.output
     assert not (tmp_path / "b").exists()
@@ -426,8 +488,15 @@ def test_heads_of_another_query_model_are_refused(digits_run):
 def test_calibration_of_wrong_shape_or_too_few_images(digits_run, tmp_path):
     _, _, run_dir = digits_run
     query, heads, _ = _dirs(run_dir)
-    plan = dict(model_dir=query, heads_dir=heads, jobs=[("onnx", "int8")], validation="digits",
-                n_calibration=64, n_validation=256, out=tmp_path / "b")
+    plan = dict(
+        model_dir=query,
+        heads_dir=heads,
+        jobs=[("onnx", "int8")],
+        validation="digits",
+        n_calibration=64,
+        n_validation=256,
+        out=tmp_path / "b",
+    )
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, np.zeros((100, 9, 9, 1), np.uint8))
     with pytest.raises(ExportError, match=r"takes uint8 \(N, 8, 8, 1\)"):
@@ -463,9 +532,17 @@ def test_an_op_a_target_cannot_take_is_named(target, tmp_path):
 def test_gallery_head_is_its_own_artifact(digits_run, tmp_path):
     _, _, run_dir = digits_run
     query, heads, gallery_models = _dirs(run_dir)
-    plan = ExportPlan(model_dir=query, heads_dir=heads, jobs=[("onnx", "fp32"), ("onnx", "int8")],
-                      validation="digits", calibration="digits", n_calibration=256,
-                      n_validation=256, gallery_models=[gallery_models[0]], out=tmp_path / "b")
+    plan = ExportPlan(
+        model_dir=query,
+        heads_dir=heads,
+        jobs=[("onnx", "fp32"), ("onnx", "int8")],
+        validation="digits",
+        calibration="digits",
+        n_calibration=256,
+        n_validation=256,
+        gallery_models=[gallery_models[0]],
+        out=tmp_path / "b",
+    )
     manifest = export_bundle(plan, progress=False).manifest
     assert [a.role for a in manifest.artifacts] == ["query", "query", "head:resnet", "head:resnet"]
     head = find_artifact(manifest, "onnx", "int8", "head:resnet")
@@ -475,5 +552,12 @@ def test_gallery_head_is_its_own_artifact(digits_run, tmp_path):
     assert head.validation.cosine_mean >= 0.98 and head.validation.recall_at_1_delta is None
     verify_bundle(tmp_path / "b")
     with pytest.raises(ExportError, match="no head for gallery model 'query-old'"):
-        export_bundle(ExportPlan(**{**plan.__dict__, "out": tmp_path / "c",
-                                    "gallery_models": [run_dir / "models" / "query-old"]}))
+        export_bundle(
+            ExportPlan(
+                **{
+                    **plan.__dict__,
+                    "out": tmp_path / "c",
+                    "gallery_models": [run_dir / "models" / "query-old"],
+                }
+            )
+        )

@@ -1,4 +1,4 @@
-"""Tests for gallery_builder.fusion.fuse: the fused gallery vector and its uncertainty."""
+"""Tests for gallery_builder.training.fusion.fuse: the fused gallery vector and its uncertainty."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gallery_builder.fusion import fuse
+from gallery_builder.training.fusion import fuse
 
 SQRT2 = math.sqrt(2.0)
 

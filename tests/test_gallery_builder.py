@@ -11,13 +11,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from gallery_builder import gallery as gallery_module
-from gallery_builder.build_cli import main
-from gallery_builder.checkpoint import CheckpointError
-from gallery_builder.data import DataError, load_digits
-from gallery_builder.gallery import BuildSettings, Ensemble, add, build, remove, reproject
-from gallery_builder.raw_store import list_parts, part_path, read_part
-from gallery_builder.sources import open_source
+from gallery_builder.cli.build import main
+from gallery_builder.data.datasets import DataError, load_digits
+from gallery_builder.data.sources import open_source
+from gallery_builder.gallery import build as gallery_module
+from gallery_builder.gallery.build import BuildSettings, Ensemble, add, build, remove, reproject
+from gallery_builder.gallery.raw_store import list_parts, part_path, read_part
+from gallery_builder.models.checkpoint import CheckpointError
+from query_sdk import errors
 from query_sdk.gallery_format import (
     GalleryError,
     load_shard,
@@ -39,8 +40,9 @@ def shard_contents(gallery, ef=None):
     rows = []
     for sh in manifest.shards:
         index, meta = load_shard(gallery, sh, manifest.dim, ef or manifest.hnsw["ef_search"])
-        for lab, item_id, unc, dead in (zip(
-                meta.labels, meta.ids, meta.uncertainty, meta.deleted, strict=True)):
+        for lab, item_id, unc, dead in zip(
+            meta.labels, meta.ids, meta.uncertainty, meta.deleted, strict=True
+        ):
             if not dead:
                 rows.append((item_id, int(lab), np.asarray(index.get_items([lab])[0]), float(unc)))
     return sorted(rows)
@@ -48,8 +50,10 @@ def shard_contents(gallery, ef=None):
 
 def search(gallery, queries, k=10, ef=None):
     manifest = read_manifest(gallery)
-    loaded = [load_shard(gallery, sh, manifest.dim, ef or manifest.hnsw["ef_search"])
-              for sh in manifest.shards]
+    loaded = [
+        load_shard(gallery, sh, manifest.dim, ef or manifest.hnsw["ef_search"])
+        for sh in manifest.shards
+    ]
     labels, scores = search_shards([(ix, int((~m.deleted).sum())) for ix, m in loaded], queries, k)
     id_of = {int(lab): i for _, m in loaded for lab, i in zip(m.labels, m.ids, strict=True)}
     return [[id_of[int(lab)] for lab in row if lab >= 0] for row in labels], scores
@@ -253,8 +257,9 @@ def test_corrupt_images_are_skipped_and_listed(digits_run, tmp_path):
         lines.append(f"{i}.png")
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (tmp_path / "list.txt").write_text("\n".join(lines + ["bad.png", "missing.png"]) + "\n")
-    summary = build(models, heads, str(tmp_path / "list.txt"), tmp_path / "g",
-                    BuildSettings(shard_size=16))
+    summary = build(
+        models, heads, str(tmp_path / "list.txt"), tmp_path / "g", BuildSettings(shard_size=16)
+    )
     assert summary.items == 40 and summary.skipped == 2
     skipped = [json.loads(x) for x in (tmp_path / "g" / "skipped.jsonl").read_text().splitlines()]
     assert sorted(s["id"] for s in skipped) == ["bad.png", "missing.png"]
@@ -277,8 +282,18 @@ def test_reject_quantile_leaves_out_the_most_uncertain(digits_run, tmp_path):
 def test_cli_build_json_and_verify(digits_run, tmp_path):
     _, _, run_dir = digits_run
     models, heads = models_and_heads(run_dir)
-    args = ["build", "--heads", str(heads), "--images", "digits", "--out", str(tmp_path / "g"),
-            "--shard-size", "1000", "--json"]
+    args = [
+        "build",
+        "--heads",
+        str(heads),
+        "--images",
+        "digits",
+        "--out",
+        str(tmp_path / "g"),
+        "--shard-size",
+        "1000",
+        "--json",
+    ]
     for m in models:
         args += ["--models", str(m)]
     r = CliRunner().invoke(main, args)
@@ -289,9 +304,9 @@ def test_cli_build_json_and_verify(digits_run, tmp_path):
     assert r.exit_code == 0 and "1,797 items" in r.output
     (tmp_path / "g" / "shard-00001.hnsw").write_bytes(b"truncated")
     r = CliRunner().invoke(main, ["verify", "--gallery", str(tmp_path / "g")])
-    assert r.exit_code == 1 and "shard-00001.hnsw" in r.output
+    assert r.exit_code == errors.FormatError.exit_code and "shard-00001.hnsw" in r.output
     r = CliRunner().invoke(main, args)
-    assert r.exit_code == 1 and "already holds a gallery" in r.output
+    assert r.exit_code == errors.FormatError.exit_code and "already holds a gallery" in r.output
 
 
 def test_raw_store_is_fp16_and_complete(built):

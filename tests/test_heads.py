@@ -1,4 +1,4 @@
-"""Tests for gallery_builder.heads: training the transformation heads of both modes, the
+"""Tests for gallery_builder.training.heads: training the transformation heads of both modes, the
 compatible query-model update, heads checkpoints and the compatibility check.
 
 Synthetic paired embeddings share a latent x ~ N(0, I_8): the query model is
@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gallery_builder.checkpoint import CONFIG_FILE, CheckpointError
-from gallery_builder.heads import (
+from gallery_builder.models.checkpoint import CONFIG_FILE, CheckpointError
+from gallery_builder.training.heads import (
     Head,
     HeadSet,
     HeadSettings,
@@ -207,7 +207,7 @@ def test_unified_space_id(unified_heads):
 
 
 def test_unified_classifier_separates_labels(data, unified_heads):
-    from gallery_builder.heads import _cosine_logits
+    from gallery_builder.training.heads import _cosine_logits
 
     with torch.no_grad():
         tq = unified_heads.encode_query(held_out(data, "query"))

@@ -1,4 +1,4 @@
-"""Tests for gallery_builder.metrics: exact search, Recall@K and MAP@R."""
+"""Tests for gallery_builder.evaluation.metrics: exact search, Recall@K and MAP@R."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gallery_builder.metrics import recall_at_1, retrieval_metrics, search
+from gallery_builder.evaluation.metrics import recall_at_1, retrieval_metrics, search
 
 
 def unit(degrees: float) -> list[float]:

@@ -1,5 +1,5 @@
 """Tests for gallery_builder.models (registry, architectures, complexity) and model checkpoints
-(gallery_builder.models.saving + gallery_builder.checkpoint)."""
+(gallery_builder.models.saving + gallery_builder.models.checkpoint)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from gallery_builder.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, fingerprint
-from gallery_builder.experiment import PRESETS
+from gallery_builder.evaluation.experiment import PRESETS
 from gallery_builder.models import (
     EmbeddingNet,
     create_model,
@@ -25,6 +24,12 @@ from gallery_builder.models import (
     register_model,
     registered_identity,
     save_model,
+)
+from gallery_builder.models.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    fingerprint,
 )
 from query_sdk.spec import InputSpec
 

@@ -37,14 +37,31 @@ def gallery(tmp_path_factory):
         v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
         labels = np.arange(PER_SHARD, dtype=np.int64) + s * 10_000
         stored.update(zip(labels.tolist(), v, strict=True))
-        shards.append(gf.write_shard(folder, s, v, labels, [f"s{s}-{i}" for i in labels],
-                                     rng.random(PER_SHARD), None, M=8, ef_construction=40))
+        shards.append(
+            gf.write_shard(
+                folder,
+                s,
+                v,
+                labels,
+                [f"s{s}-{i}" for i in labels],
+                rng.random(PER_SHARD),
+                None,
+                M=8,
+                ef_construction=40,
+            )
+        )
     template, _ = make_gallery(tmp_path_factory.mktemp("template"), 1)
-    manifest = gf.Manifest.from_dict({**template.to_dict(), "dim": DIM,
-                                      "hnsw": {"M": 8, "ef_construction": 40, "ef_search": EF},
-                                      "shards": [sh.to_dict() for sh in shards]})
-    manifest.shards[1] = gf.update_shard_deletions(folder, manifest.shards[1],
-                                                   set(DELETED.tolist()), DIM)
+    manifest = gf.Manifest.from_dict(
+        {
+            **template.to_dict(),
+            "dim": DIM,
+            "hnsw": {"M": 8, "ef_construction": 40, "ef_search": EF},
+            "shards": [sh.to_dict() for sh in shards],
+        }
+    )
+    manifest.shards[1] = gf.update_shard_deletions(
+        folder, manifest.shards[1], set(DELETED.tolist()), DIM
+    )
     gf.write_manifest(folder, manifest)
     for label in DELETED:
         del stored[label]
@@ -55,8 +72,19 @@ def run_native(program, g: Gallery, queries: np.ndarray, tmp_path) -> np.ndarray
     path = tmp_path / "queries.f32"
     np.ascontiguousarray(queries, dtype="<f4").tofile(path)
     files = [str(g.folder / g.manifest.shards[i].index_file) for i in g.shards]
-    out = subprocess.run([str(program), str(g.manifest.dim), str(g.manifest.hnsw["ef_search"]),
-                          str(K), str(path), *files], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            str(program),
+            str(g.manifest.dim),
+            str(g.manifest.hnsw["ef_search"]),
+            str(K),
+            str(path),
+            *files,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return np.array([[int(x) for x in line.split()] for line in out.stdout.splitlines()])
 
 

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from test_gallery_format import DIM, N, edit_manifest, make_gallery, refresh_checksums, unit_vectors
 
-from gallery_builder import build_cli
-from query_sdk import Gallery, Hit
+from gallery_builder.cli import build as build_cli
+from query_sdk import Gallery, Hit, errors
 from query_sdk import gallery_format as gf
 from query_sdk.gallery_format import GalleryError
 from query_sdk.signing import SignatureError, generate_keys, sign_manifest
@@ -68,8 +68,12 @@ def test_search_merges_shards_exactly(gallery):
         assert scores == sorted(scores, reverse=True) and len(row) == 7
     # the stored item itself comes back first, with its uncertainty and payload
     first = g.search(inputs[1]["vectors"][5], k=1)[0][0]
-    assert first == Hit("img-1-5", pytest.approx(1.0, abs=1e-5), pytest.approx(
-        float(inputs[1]["unc"][5])), inputs[1]["payload"][5])
+    assert first == Hit(
+        "img-1-5",
+        pytest.approx(1.0, abs=1e-5),
+        pytest.approx(float(inputs[1]["unc"][5])),
+        inputs[1]["payload"][5],
+    )
     assert isinstance(first.score, float) and first.payload == {"path": "/x/1/5.png", "class": 5}
 
 
@@ -169,15 +173,21 @@ def test_refused_bit_flipped_shard(gallery):
 def test_refused_missing_shard(gallery):
     folder, manifest, _ = gallery
     (folder / manifest.shards[1].index_file).unlink()
-    with pytest.raises(GalleryError, match=r"shard-00001\.hnsw: listed in the manifest but "
-                                           "missing"):
+    with pytest.raises(
+        GalleryError,
+        match=r"shard-00001\.hnsw: listed in the manifest but "
+        "missing",
+    ):
         Gallery.open(folder)
 
 
 def test_refused_other_query_space(gallery):
     folder, _, _ = gallery
-    with pytest.raises(GalleryError, match=r"embedding space 'q-abc123', the query model is in "
-                                           r"space 'q-other'"):
+    with pytest.raises(
+        GalleryError,
+        match=r"embedding space 'q-abc123', the query model is in "
+        r"space 'q-other'",
+    ):
         Gallery.open(folder, space_id="q-other")
     assert Gallery.open(folder, space_id="q-abc123").count == 2 * N
 
@@ -228,8 +238,7 @@ def test_signed_gallery_opens_with_its_key(gallery, keys):
     sign_manifest(folder, secret.read_text())
     record = json.loads((folder / "manifest.sig").read_text())
     assert record["algorithm"] == "ed25519" and record["public_key"] == public.read_text().strip()
-    for key in (public, str(public), public.read_text().strip(),
-                bytes.fromhex(public.read_text())):
+    for key in (public, str(public), public.read_text().strip(), bytes.fromhex(public.read_text())):
         assert Gallery.open(folder, public_key=key).count == 2 * N
 
 
@@ -247,8 +256,9 @@ def test_refused_tampered_signed_manifest(gallery, keys):
 def test_refused_unsigned_or_other_key(gallery, keys, tmp_path):
     folder, _, _ = gallery
     secret, public = keys
-    with pytest.raises(SignatureError, match="manifest.sig: missing.*unsigned galleries are "
-                                             "refused"):
+    with pytest.raises(
+        SignatureError, match="manifest.sig: missing.*unsigned galleries are refused"
+    ):
         Gallery.open(folder, public_key=public)
     _, other_public = generate_keys(tmp_path / "other")
     sign_manifest(folder, secret.read_text())
@@ -267,30 +277,39 @@ def test_builder_cli_keygen_sign_verify(gallery, tmp_path):
     base = tmp_path / "k"
     result = runner.invoke(build_cli.main, ["keygen", "--out", str(base)])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(build_cli.main, ["sign", "--gallery", str(folder), "--key",
-                                            f"{base}.key"])
+    result = runner.invoke(
+        build_cli.main, ["sign", "--gallery", str(folder), "--key", f"{base}.key"]
+    )
     assert result.exit_code == 0, result.output
-    ok = runner.invoke(build_cli.main, ["verify", "--gallery", str(folder), "--public-key",
-                                        f"{base}.pub"])
+    ok = runner.invoke(
+        build_cli.main, ["verify", "--gallery", str(folder), "--public-key", f"{base}.pub"]
+    )
     assert ok.exit_code == 0 and "ok: 120 items" in ok.output
     edit_manifest(folder, lambda d: d.update(skipped=0))
-    bad = runner.invoke(build_cli.main, ["verify", "--gallery", str(folder), "--public-key",
-                                         f"{base}.pub"])
-    assert bad.exit_code == 1 and "signature does not match" in bad.output
+    bad = runner.invoke(
+        build_cli.main, ["verify", "--gallery", str(folder), "--public-key", f"{base}.pub"]
+    )
+    assert (
+        bad.exit_code == errors.SignatureError.exit_code
+        and "signature does not match" in bad.output
+    )
     again = runner.invoke(build_cli.main, ["keygen", "--out", str(base)])
-    assert again.exit_code == 1 and "exists" in again.output
+    assert again.exit_code == errors.CmceError.exit_code and "exists" in again.output
 
 
 # --------------------------------------------------------------------------- with a real bundle
 
 
-def make_bundle(model_dir: Path, heads_dir: Path | None, out: Path,
-                jobs=(("onnx", "fp32"),)) -> Path:
+def make_bundle(
+    model_dir: Path, heads_dir: Path | None, out: Path, jobs=(("onnx", "fp32"),)
+) -> Path:
     """Export the query graph with the export package (cmce-export's API) into a bundle."""
     from export.bundle import ExportPlan, export_bundle
 
-    export_bundle(ExportPlan(model_dir, heads_dir, list(jobs), "digits", out, n_validation=256),
-                  progress=False)
+    export_bundle(
+        ExportPlan(model_dir, heads_dir, list(jobs), "digits", out, n_validation=256),
+        progress=False,
+    )
     return out
 
 
@@ -300,14 +319,15 @@ def digits_setup(digits_run, tmp_path_factory):
     import torch
 
     from export.graph import load_export_source
-    from gallery_builder.data import load_digits
-    from gallery_builder.gallery import BuildSettings, build
+    from gallery_builder.data.datasets import load_digits
+    from gallery_builder.gallery.build import BuildSettings, build
 
     _, _, run = digits_run
     root = tmp_path_factory.mktemp("sdk-digits")
     models = [run / "models" / n for n in ("resnet", "widecnn", "vit")]
-    build(models, run / "heads" / "unified", "digits", root / "gallery",
-          BuildSettings(shard_size=700))
+    build(
+        models, run / "heads" / "unified", "digits", root / "gallery", BuildSettings(shard_size=700)
+    )
     bundle = make_bundle(run / "models" / "query", run / "heads" / "unified", root / "bundle")
     images = load_digits().images[::9][:150]
     graph = load_export_source(run / "models" / "query", run / "heads" / "unified").graph
@@ -428,10 +448,24 @@ def test_cmce_query_cli(digits_setup, tmp_path):
     bundle, gallery_dir, images, _ = digits_setup
     Image.fromarray(images[5][..., 0]).save(tmp_path / "five.png")
     (tmp_path / "bad.png").write_text("not an image")
-    cmd = [sys.executable, "-m", "query_sdk.cli", "--bundle", str(bundle), "--gallery",
-           str(gallery_dir), "--k", "3", "--threads", "2"]
-    out = subprocess.run([*cmd, "--json", str(tmp_path / "five.png"), str(tmp_path / "bad.png")],
-                         capture_output=True, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "query_sdk.cli",
+        "--bundle",
+        str(bundle),
+        "--gallery",
+        str(gallery_dir),
+        "--k",
+        "3",
+        "--threads",
+        "2",
+    ]
+    out = subprocess.run(
+        [*cmd, "--json", str(tmp_path / "five.png"), str(tmp_path / "bad.png")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1, out.stderr  # one image failed; the other is answered
     records = json.loads(out.stdout)
     want = Searcher.open(bundle=bundle, gallery=gallery_dir).search(images[5], k=3)
@@ -440,15 +474,21 @@ def test_cmce_query_cli(digits_setup, tmp_path):
     assert "bad.png" in records[1]["error"] and "hits" not in records[1]
 
     limit = gf.read_manifest(gallery_dir).uncertainty_quantiles["0.5"]
-    out = subprocess.run([*cmd, "--json", "--max-uncertainty", "q0.5", str(tmp_path / "five.png")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [*cmd, "--json", "--max-uncertainty", "q0.5", str(tmp_path / "five.png")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert all(h["uncertainty"] <= limit for h in json.loads(out.stdout)[0]["hits"])
 
     text = subprocess.run([*cmd, str(tmp_path / "five.png")], capture_output=True, text=True)
     assert text.returncode == 0 and f"1. {want[0].id}  score" in text.stdout
-    missing = subprocess.run([*cmd, "--gallery", str(tmp_path), str(tmp_path / "five.png")],
-                             capture_output=True, text=True)
+    missing = subprocess.run(
+        [*cmd, "--gallery", str(tmp_path), str(tmp_path / "five.png")],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2
     assert missing.stderr.startswith("error: manifest.json: missing in")
 
@@ -459,8 +499,12 @@ def test_executorch_backend(digits_setup, digits_run, tmp_path):
 
     bundle, gallery_dir, images, reference = digits_setup
     _, _, run = digits_run
-    et = make_bundle(run / "models" / "query", run / "heads" / "unified", tmp_path / "et",
-                     jobs=(("executorch", "fp32"),))
+    et = make_bundle(
+        run / "models" / "query",
+        run / "heads" / "unified",
+        tmp_path / "et",
+        jobs=(("executorch", "fp32"),),
+    )
     s = Searcher.open(bundle=et, gallery=gallery_dir, backend="executorch")
     assert s.artifact.file == "query.pte" and s.runtime.max_batch >= 1
     images = images[: 2 * s.runtime.max_batch + 3]  # more than one call's worth
@@ -480,14 +524,25 @@ def test_builder_signs_changes_and_stale_signatures_are_refused(digits_setup, tm
     runner = CliRunner()
     assert runner.invoke(build_cli.main, ["keygen", "--out", str(tmp_path / "k")]).exit_code == 0
     public = tmp_path / "k.pub"
-    signed = runner.invoke(build_cli.main, ["remove", "--gallery", str(folder), "--ids",
-                                            "digits/3", "--yes", "--sign-key",
-                                            str(tmp_path / "k.key")])
+    signed = runner.invoke(
+        build_cli.main,
+        [
+            "remove",
+            "--gallery",
+            str(folder),
+            "--ids",
+            "digits/3",
+            "--yes",
+            "--sign-key",
+            str(tmp_path / "k.key"),
+        ],
+    )
     assert signed.exit_code == 0, signed.output
     g = Gallery.open(folder, public_key=public)
     assert g.count == 1796
-    stale = runner.invoke(build_cli.main, ["remove", "--gallery", str(folder), "--ids",
-                                           "digits/4", "--yes"])
+    stale = runner.invoke(
+        build_cli.main, ["remove", "--gallery", str(folder), "--ids", "digits/4", "--yes"]
+    )
     assert stale.exit_code == 0 and "manifest.sig no longer matches" in stale.output
     with pytest.raises(SignatureError, match="does not match"):
         Gallery.open(folder, public_key=public)

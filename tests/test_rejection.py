@@ -1,11 +1,11 @@
-"""Tests for gallery_builder.rejection: risk-coverage curves and their area."""
+"""Tests for gallery_builder.evaluation.rejection: risk-coverage curves and their area."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from gallery_builder.rejection import (
+from gallery_builder.evaluation.rejection import (
     GALLERY_COVERAGE,
     QUERY_COVERAGE,
     aurc,

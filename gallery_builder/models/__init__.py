@@ -21,8 +21,17 @@ from .saving import (
 )
 
 __all__ = [
-    "EmbeddingNet", "create_model", "list_models", "model_role", "native_input_spec",
+    "EmbeddingNet",
+    "create_model",
+    "list_models",
+    "model_role",
+    "native_input_spec",
     "register_model",
-    "count_params", "mflops", "load_model", "save_model", "registered_identity",
-    "import_external", "import_torchscript",
+    "count_params",
+    "mflops",
+    "load_model",
+    "save_model",
+    "registered_identity",
+    "import_external",
+    "import_torchscript",
 ]

@@ -16,7 +16,11 @@ from torch import nn
 from query_sdk.spec import InputSpec
 
 __all__ = [
-    "EmbeddingNet", "register_model", "create_model", "list_models", "model_role",
+    "EmbeddingNet",
+    "register_model",
+    "create_model",
+    "list_models",
+    "model_role",
     "native_input_spec",
 ]
 

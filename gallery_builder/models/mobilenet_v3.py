@@ -48,10 +48,18 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
     return new + divisor if new < 0.9 * v else new
 
 
-def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1,
-             act: type[nn.Module] | None = nn.Hardswish) -> nn.Sequential:
-    layers = [nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, groups=groups,
-                        bias=False), _BN(c_out)]
+def _conv_bn(
+    c_in: int,
+    c_out: int,
+    kernel: int,
+    stride: int = 1,
+    groups: int = 1,
+    act: type[nn.Module] | None = nn.Hardswish,
+) -> nn.Sequential:
+    layers = [
+        nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        _BN(c_out),
+    ]
     if act is not None:
         layers.append(act())
     return nn.Sequential(*layers)
@@ -71,8 +79,9 @@ class SqueezeExcitation(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, c_in: int, kernel: int, expanded: int, c_out: int, se: bool, hs: bool,
-                 stride: int) -> None:
+    def __init__(
+        self, c_in: int, kernel: int, expanded: int, c_out: int, se: bool, hs: bool, stride: int
+    ) -> None:
         super().__init__()
         act = nn.Hardswish if hs else nn.ReLU
         layers: list[nn.Module] = []
@@ -95,15 +104,21 @@ def _backbone(num_classes: int) -> nn.Sequential:
     layers += [InvertedResidual(*row) for row in _SMALL]
     layers.append(_conv_bn(96, 576, 1))
     return nn.Sequential(
-        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(576, 1024), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(1024, num_classes))
+        *layers,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(576, 1024),
+        nn.Hardswish(),
+        nn.Dropout(0.2),
+        nn.Linear(1024, num_classes),
+    )
 
 
 @register_model("mobilenet_v3_small", role="query", native_input=IMAGENET_SPEC)
-def mobilenet_v3_small(input_spec: InputSpec = IMAGENET_SPEC, embedding_dim: int | None = None,
-                       num_classes: int = 1000) -> EmbeddingNet:
+def mobilenet_v3_small(
+    input_spec: InputSpec = IMAGENET_SPEC, embedding_dim: int | None = None, num_classes: int = 1000
+) -> EmbeddingNet:
     """torchvision's layout; ``embedding_dim=None`` keeps the ``num_classes`` outputs."""
     if input_spec.channels != 3:
-        raise ValueError(f"MobileNetV3-Small takes RGB images, got {input_spec.channels} "
-                         "channels")
+        raise ValueError(f"MobileNetV3-Small takes RGB images, got {input_spec.channels} channels")
     return EmbeddingNet(_backbone(num_classes), num_classes, embedding_dim, input_spec)

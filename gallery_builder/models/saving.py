@@ -19,15 +19,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from query_sdk.spec import InputSpec
-
-from ..checkpoint import (
+from gallery_builder.models.checkpoint import (
     CheckpointError,
     load_state_strict,
     read_config,
     read_weights,
     save_checkpoint,
 )
+from query_sdk.spec import InputSpec
+
 from ._registry import EmbeddingNet, create_model
 from .complexity import count_params, mflops
 
@@ -51,10 +51,15 @@ def save_model(path: Path, model: EmbeddingNet, identity: dict, role: str, train
     return save_checkpoint(path, model.state_dict(), config)
 
 
-def registered_identity(architecture: str, input_spec: InputSpec, embedding_dim: int,
-                        **kwargs) -> dict:
-    return {"architecture": architecture, "kwargs": kwargs, "embedding_dim": embedding_dim,
-            "input_spec": input_spec.to_dict()}
+def registered_identity(
+    architecture: str, input_spec: InputSpec, embedding_dim: int, **kwargs
+) -> dict:
+    return {
+        "architecture": architecture,
+        "kwargs": kwargs,
+        "embedding_dim": embedding_dim,
+        "input_spec": input_spec.to_dict(),
+    }
 
 
 def build_from_identity(identity: dict, folder: Path | None = None) -> EmbeddingNet:
@@ -88,13 +93,23 @@ def load_model(path: Path) -> tuple[EmbeddingNet, dict]:
 
 
 def import_external(
-    out: Path, entry_point: str, weights: Path, input_spec: InputSpec, feature_dim: int,
-    kwargs: dict | None = None, role: str = "gallery",
+    out: Path,
+    entry_point: str,
+    weights: Path,
+    input_spec: InputSpec,
+    feature_dim: int,
+    kwargs: dict | None = None,
+    role: str = "gallery",
 ) -> dict:
     """Make a checkpoint folder from a user's ``nn.Module`` factory and its safetensors weights."""
-    identity = {"architecture": "external", "entry_point": entry_point, "kwargs": kwargs or {},
-                "feature_dim": feature_dim, "embedding_dim": None,
-                "input_spec": input_spec.to_dict()}
+    identity = {
+        "architecture": "external",
+        "entry_point": entry_point,
+        "kwargs": kwargs or {},
+        "feature_dim": feature_dim,
+        "embedding_dim": None,
+        "input_spec": input_spec.to_dict(),
+    }
     model = build_from_identity(identity)
     try:
         state = load_file(weights)
@@ -114,9 +129,12 @@ def import_torchscript(
     out.mkdir(parents=True, exist_ok=True)
     try:
         shutil.copyfile(file, out / TORCHSCRIPT_FILE)
-        identity = {"architecture": "torchscript", "feature_dim": feature_dim,
-                    "sha256": hashlib.sha256((out / TORCHSCRIPT_FILE).read_bytes()).hexdigest(),
-                    "input_spec": input_spec.to_dict()}
+        identity = {
+            "architecture": "torchscript",
+            "feature_dim": feature_dim,
+            "sha256": hashlib.sha256((out / TORCHSCRIPT_FILE).read_bytes()).hexdigest(),
+            "input_spec": input_spec.to_dict(),
+        }
         model = build_from_identity(identity, out)
         _check_feature_dim(model, feature_dim)
         return save_model(out, model, identity, role, {"source": str(file)})

@@ -12,8 +12,9 @@ from ._registry import EmbeddingNet, register_model
 
 
 class ViTBackbone(nn.Module):
-    def __init__(self, spec: InputSpec, patch: int, dim: int, depth: int, heads: int,
-                 mlp_ratio: float) -> None:
+    def __init__(
+        self, spec: InputSpec, patch: int, dim: int, depth: int, heads: int, mlp_ratio: float
+    ) -> None:
         super().__init__()
         if spec.height % patch or spec.width % patch:
             raise ValueError(
@@ -23,8 +24,13 @@ class ViTBackbone(nn.Module):
         self.patchify = nn.Conv2d(spec.channels, dim, patch, patch)
         self.position = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(
-            dim, heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu",
-            batch_first=True, norm_first=True,
+            dim,
+            heads,
+            int(dim * mlp_ratio),
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
@@ -36,8 +42,13 @@ class ViTBackbone(nn.Module):
 
 @register_model("vit", role="gallery")
 def vit(
-    input_spec: InputSpec, embedding_dim: int = 128, patch: int = 4, dim: int = 64,
-    depth: int = 4, heads: int = 4, mlp_ratio: float = 2.0,
+    input_spec: InputSpec,
+    embedding_dim: int = 128,
+    patch: int = 4,
+    dim: int = 64,
+    depth: int = 4,
+    heads: int = 4,
+    mlp_ratio: float = 2.0,
 ) -> EmbeddingNet:
     backbone = ViTBackbone(input_spec, patch, dim, depth, heads, mlp_ratio)
     return EmbeddingNet(backbone, dim, embedding_dim, input_spec)

@@ -45,14 +45,28 @@ def compiler() -> str | None:
 
 def _download_sdist(hnswlib_version: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "hnswlib",
-           "--disable-pip-version-check", "-q", "-d", str(dest), f"hnswlib=={hnswlib_version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        "hnswlib",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        f"hnswlib=={hnswlib_version}",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(dest.glob(f"hnswlib-{hnswlib_version}.tar.gz"))
     if done.returncode or not found:
-        raise NativeBuildError(f"could not download the hnswlib {hnswlib_version} source "
-                               f"distribution from PyPI ({' '.join(cmd)}):\n{done.stderr[-2000:]}"
-                               "\nSet CMCE_HNSWLIB_SDIST to a local hnswlib-<version>.tar.gz.")
+        raise NativeBuildError(
+            f"could not download the hnswlib {hnswlib_version} source "
+            f"distribution from PyPI ({' '.join(cmd)}):\n{done.stderr[-2000:]}"
+            "\nSet CMCE_HNSWLIB_SDIST to a local hnswlib-<version>.tar.gz."
+        )
     return found[0]
 
 
@@ -88,8 +102,9 @@ def build(out: Path | None = None) -> Path:
     """Compile ``hnsw_query`` (cached by source, headers and flags); return its path."""
     cxx = compiler()
     if cxx is None:
-        raise NativeBuildError(f"no C++ compiler found ({os.environ.get('CXX', 'g++')}); "
-                               "install g++ or set CXX")
+        raise NativeBuildError(
+            f"no C++ compiler found ({os.environ.get('CXX', 'g++')}); install g++ or set CXX"
+        )
     include = hnswlib_headers()
     key = hashlib.sha256(SOURCE.read_bytes() + str(include).encode() + " ".join(FLAGS).encode())
     out = Path(out) if out else _cache() / "bin" / f"hnsw_query-{key.hexdigest()[:12]}"

@@ -17,10 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .experiment import ExperimentConfig, Splits, get_distilled, get_model, load_splits
-from .heads import MODES, HeadSet, save_heads, train_heads, train_query_head
-from .metrics import recall_at_1, retrieval_metrics, search
-from .rejection import (
+from gallery_builder.evaluation.experiment import (
+    ExperimentConfig,
+    Splits,
+    get_distilled,
+    get_model,
+    load_splits,
+)
+from gallery_builder.evaluation.metrics import recall_at_1, retrieval_metrics, search
+from gallery_builder.evaluation.rejection import (
     GALLERY_COVERAGE,
     QUERY_COVERAGE,
     aurc,
@@ -29,7 +34,8 @@ from .rejection import (
     rank_average,
     selective_scores,
 )
-from .train import embed
+from gallery_builder.training.fit import embed
+from gallery_builder.training.heads import MODES, HeadSet, save_heads, train_heads, train_query_head
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +81,10 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
     ql = torch.as_tensor(splits.query.labels)
 
     with stage("gallery models"):
-        gallery = {ms.name: get_model(ms, cfg, splits.train, models_dir, "gallery")
-                   for ms in cfg.gallery_models}
+        gallery = {
+            ms.name: get_model(ms, cfg, splits.train, models_dir, "gallery")
+            for ms in cfg.gallery_models
+        }
     with stage("query models"):
         query, query_cfg = get_model(cfg.query_model, cfg, splits.train, models_dir, "query")
         old_query, _ = get_model(cfg.old_query_model, cfg, splits.train, models_dir, "query")
@@ -85,9 +93,19 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
         eq = _Embeddings(query, splits, "query")
         eoq = _Embeddings(old_query, splits, "query-old")
     with stage("distilled models"):
-        distilled = {g: get_distilled(cfg.query_model, g, eg[g].train, eg[g].train_mirrored,
-                                      c["fingerprint"], cfg, splits.train, models_dir)
-                     for g, (_, c) in gallery.items()}
+        distilled = {
+            g: get_distilled(
+                cfg.query_model,
+                g,
+                eg[g].train,
+                eg[g].train_mirrored,
+                c["fingerprint"],
+                cfg,
+                splits.train,
+                models_dir,
+            )
+            for g, (_, c) in gallery.items()
+        }
     raw_train = {g: e.train for g, e in eg.items()}
     raw_gallery = {g: e.gallery for g, e in eg.items()}
 
@@ -105,9 +123,14 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
     for mode in MODES:
         for seed in cfg.head_seeds:
             with stage(f"{mode} heads, seed {seed}"):
-                heads = train_heads(mode, raw_train, eq.train, train_labels,
-                                    replace(cfg.heads, seed=seed),
-                                    dim=cfg.unified_dim if mode == "unified" else None)
+                heads = train_heads(
+                    mode,
+                    raw_train,
+                    eq.train,
+                    train_labels,
+                    replace(cfg.heads, seed=seed),
+                    dim=cfg.unified_dim if mode == "unified" else None,
+                )
             qv = heads.encode_query(eq.query)
             for g in gallery:
                 gv, _ = heads.encode_gallery(raw_gallery, [g])
@@ -116,9 +139,14 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
             runs.setdefault(f"{mode}:ensemble", []).append(metrics(qv, gv))
             if mode not in first:
                 first[mode] = (heads, gv, unc, qv)
-                save_heads(out / "heads" / mode, heads, query_cfg["fingerprint"],
-                           {g: c["fingerprint"] for g, (_, c) in gallery.items()}, cfg.heads,
-                           {"data": splits.train.name, "images": len(train_labels)})
+                save_heads(
+                    out / "heads" / mode,
+                    heads,
+                    query_cfg["fingerprint"],
+                    {g: c["fingerprint"] for g, (_, c) in gallery.items()},
+                    cfg.heads,
+                    {"data": splits.train.name, "images": len(train_labels)},
+                )
     for name, values in runs.items():
         settings[name] = _mean_std(values)
     for name in settings:
@@ -129,15 +157,28 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
     with stage("rejection"):
         rejection = _rejection(gv, unc, qv, gl, ql)
     with stage("update study"):
-        update = {"mode": default_mode, "modes": _update_study(
-            cfg, raw_train, raw_gallery, eq, eoq, train_labels, gl, ql, first)}
+        update = {
+            "mode": default_mode,
+            "modes": _update_study(
+                cfg, raw_train, raw_gallery, eq, eoq, train_labels, gl, ql, first
+            ),
+        }
     update.update(update["modes"][default_mode])
 
-    models = {name: {"params": c["params"], "mflops": c["mflops"],
-                     "embedding_dim": c["embedding_dim"], "role": c["role"],
-                     "architecture": c["identity"]["architecture"]}
-              for name, (_, c) in {**gallery, "query": (query, query_cfg),
-                                   **{f"kd-{g}": v for g, v in distilled.items()}}.items()}
+    models = {
+        name: {
+            "params": c["params"],
+            "mflops": c["mflops"],
+            "embedding_dim": c["embedding_dim"],
+            "role": c["role"],
+            "architecture": c["identity"]["architecture"],
+        }
+        for name, (_, c) in {
+            **gallery,
+            "query": (query, query_cfg),
+            **{f"kd-{g}": v for g, v in distilled.items()},
+        }.items()
+    }
     return {
         "dataset": cfg.dataset,
         "protocol": splits.protocol,
@@ -148,8 +189,11 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
         "models": models,
         "head_seeds": list(cfg.head_seeds),
         "stage_seconds": stage.seconds,
-        "sizes": {"train": len(splits.train), "gallery": len(splits.gallery),
-                  "query": len(splits.query)},
+        "sizes": {
+            "train": len(splits.train),
+            "gallery": len(splits.gallery),
+            "query": len(splits.query),
+        },
     }
 
 
@@ -181,8 +225,9 @@ def _update_study(cfg, raw_train, raw_gallery, eq, eoq, train_labels, gl, ql, fi
     old = train_heads("to-query", raw_train, eoq.train, train_labels, s)
     reprojected, _ = first["to-query"][0].encode_gallery(raw_gallery)
     out["to-query"] = {
-        "old_query_recall_at_1": recall_at_1(old.encode_query(eoq.query), ql,
-                                             old.encode_gallery(raw_gallery)[0], gl),
+        "old_query_recall_at_1": recall_at_1(
+            old.encode_query(eoq.query), ql, old.encode_gallery(raw_gallery)[0], gl
+        ),
         "new_query_recall_at_1": recall_at_1(eq.query, ql, reprojected, gl),
         "gallery_reencoded": False,
     }
@@ -199,10 +244,18 @@ def _rejection(gv, unc, qv, gl, ql) -> dict:
     for c in GALLERY_COVERAGE:
         keep = torch.as_tensor(order[: n_kept(n, c)])
         drop.append(recall_at_1(qv, ql, gv[keep], gl[keep]))
-        drop_random.append(float(np.mean([
-            recall_at_1(qv, ql, gv[idx], gl[idx])
-            for idx in (torch.as_tensor(rng.permutation(n)[: n_kept(n, c)]) for _ in range(3))
-        ])))
+        drop_random.append(
+            float(
+                np.mean(
+                    [
+                        recall_at_1(qv, ql, gv[idx], gl[idx])
+                        for idx in (
+                            torch.as_tensor(rng.permutation(n)[: n_kept(n, c)]) for _ in range(3)
+                        )
+                    ]
+                )
+            )
+        )
     # gallery_quality: does the leave-one-out nearest gallery neighbour share the label?
     _, nn2 = search(gv, gv, 2)
     self_first = nn2[:, 0] == torch.arange(n)
@@ -225,13 +278,22 @@ def _rejection(gv, unc, qv, gl, ql) -> dict:
         "gallery_quality": _view(GALLERY_COVERAGE, quality, flat_g),
         "query_time": {
             **_view(QUERY_COVERAGE, curves["spread"], flat_q),
-            "score_similarity": curves["similarity"], "aurc_similarity": areas["similarity"],
-            "score_combined": curves["combined"], "aurc_combined": areas["combined"],
-            "score_best": curves[best], "aurc_best": areas[best], "best_rule": best,
+            "score_similarity": curves["similarity"],
+            "aurc_similarity": areas["similarity"],
+            "score_combined": curves["combined"],
+            "aurc_combined": areas["combined"],
+            "score_best": curves[best],
+            "aurc_best": areas[best],
+            "best_rule": best,
         },
     }
 
 
 def _view(coverage, score, score_random) -> dict:
-    return {"coverage": list(coverage), "score": list(score), "score_random": list(score_random),
-            "aurc": aurc(coverage, score), "aurc_random": aurc(coverage, score_random)}
+    return {
+        "coverage": list(coverage),
+        "score": list(score),
+        "score_random": list(score_random),
+        "aurc": aurc(coverage, score),
+        "aurc_random": aurc(coverage, score_random),
+    }

@@ -13,25 +13,17 @@ from typing import TYPE_CHECKING
 
 import click
 
-from query_sdk.cli import friendly
+from query_sdk.errors import CheckpointError, DataError, cli_errors
 from query_sdk.spec import InputSpec
 
-from .checkpoint import CheckpointError
-from .data import DataError, DatasetMissing
-
 if TYPE_CHECKING:
-    from .experiment import ExperimentConfig
+    from gallery_builder.evaluation.experiment import ExperimentConfig
 
-KNOWN_ERRORS = (CheckpointError, DataError, DatasetMissing, ValueError, OSError)
 BUILTIN_SPECS = {
     "fashion-mnist": InputSpec(28, 28, 1, mean=(0.286,), std=(0.353,)),
     "digits": InputSpec(8, 8, 1, mean=(0.3,), std=(0.4,)),
 }
 EMBEDDINGS_FILE = "train-embeddings.safetensors"
-
-
-_friendly = friendly(KNOWN_ERRORS)
-"""Known errors become one line and exit code 1 (tracebacks with CMCE_DEBUG=1)."""
 
 
 def _parse_spec(text: str | None, source: str) -> InputSpec:
@@ -41,8 +33,11 @@ def _parse_spec(text: str | None, source: str) -> InputSpec:
             h, w, c = (int(v) for v in text.lower().split("x"))
         except ValueError:
             raise click.BadParameter(f"expected HxWxC such as 64x64x3, got {text!r}") from None
-        return InputSpec(h, w, c) if c == 1 else InputSpec(h, w, c, (0.485, 0.456, 0.406),
-                                                           (0.229, 0.224, 0.225))
+        return (
+            InputSpec(h, w, c)
+            if c == 1
+            else InputSpec(h, w, c, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        )
     base = source.split(":")[0]
     if base not in BUILTIN_SPECS:
         raise click.BadParameter("an image folder needs --input-spec HxWxC (e.g. 64x64x3)")
@@ -64,8 +59,10 @@ def main(verbose: bool) -> None:
       cmce data fetch fashion-mnist
       cmce train gallery --arch resnet --data fashion-mnist:train --out models/resnet
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
 
 # ---------------------------------------------------------------- data
@@ -76,34 +73,47 @@ def data() -> None:
 
 @data.command("fetch")
 @click.argument("name", type=click.Choice(["fashion-mnist"]))
-@click.option("--dest", type=click.Path(path_type=Path), default=None,
-              help="Folder for the IDX files (default: ~/.cache/cmce/fashion-mnist).")
-@_friendly
+@click.option(
+    "--dest",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder for the IDX files (default: ~/.cache/cmce/fashion-mnist).",
+)
+@cli_errors
 def data_fetch(name: str, dest: Path | None) -> None:
     """Get Fashion-MNIST if it is missing (apt-get download + dpkg -x, no root needed;
     torchvision's downloader as a fallback) and print where it is."""
-    from .data import fetch_fashion_mnist
+    from gallery_builder.data.datasets import fetch_fashion_mnist
 
     click.echo(fetch_fashion_mnist(dest))
 
 
 @data.command("where")
-@_friendly
+@cli_errors
 def data_where() -> None:
     """Print the folder Fashion-MNIST is read from (or how to get it)."""
-    from .data import fashion_mnist_dir
+    from gallery_builder.data.datasets import fashion_mnist_dir
 
     click.echo(fashion_mnist_dir())
 
 
 # ---------------------------------------------------------------- demo / eval
 @main.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"),
-              show_default=True, help="Folder for models, heads and the report.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("runs/demo"),
+    show_default=True,
+    help="Folder for models, heads and the report.",
+)
 @click.option("--quick", is_flag=True, help="A subset and fewer epochs (about 3 minutes).")
-@click.option("--preset", type=click.Choice(["default", "quick", "digits"]), default=None,
-              help="Experiment preset (overrides --quick).")
-@_friendly
+@click.option(
+    "--preset",
+    type=click.Choice(["default", "quick", "digits"]),
+    default=None,
+    help="Experiment preset (overrides --quick).",
+)
+@cli_errors
 def demo(out: Path, quick: bool, preset: str | None) -> None:
     """End to end on Fashion-MNIST: fetch data if missing, train (or reuse cached) models and
     heads, evaluate every setting, write report.md, report.json and PNG plots.
@@ -112,10 +122,10 @@ def demo(out: Path, quick: bool, preset: str | None) -> None:
     Example:
       cmce demo --out runs/demo && open runs/demo/report.md
     """
-    from .data import fetch_fashion_mnist
-    from .evaluate import run_experiment
-    from .experiment import PRESETS
-    from .report import settings_table, write_report
+    from gallery_builder.data.datasets import fetch_fashion_mnist
+    from gallery_builder.evaluation.experiment import PRESETS
+    from gallery_builder.evaluation.report import settings_table, write_report
+    from gallery_builder.evaluation.run import run_experiment
 
     preset = preset or ("quick" if quick else "default")
     cfg = PRESETS[preset]()
@@ -126,8 +136,9 @@ def demo(out: Path, quick: bool, preset: str | None) -> None:
     report["preset"], report["seconds"] = preset, round(time.time() - start, 1)
     files = write_report(report, out)
     click.echo(settings_table(report))
-    click.echo(f"\n{preset} run took {report['seconds']:.0f} s; wrote "
-               + ", ".join(str(f) for f in files))
+    click.echo(
+        f"\n{preset} run took {report['seconds']:.0f} s; wrote " + ", ".join(str(f) for f in files)
+    )
     if cfg.dataset == "fashion-mnist":
         _write_sample_queries(out / "queries")
         click.echo(_next_steps(cfg, out, report["default_mode"]))
@@ -137,7 +148,7 @@ def _write_sample_queries(folder: Path, n: int = 10) -> None:
     """The first ``n`` test images as PNG files named after their class, to try cmce-query."""
     from PIL import Image
 
-    from .data import FASHION_MNIST_CLASSES, load_fashion_mnist
+    from gallery_builder.data.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 
     test = load_fashion_mnist("test")
     folder.mkdir(parents=True, exist_ok=True)
@@ -164,16 +175,32 @@ def _next_steps(cfg: ExperimentConfig, out: Path, mode: str) -> str:
 
 
 @main.command("eval")
-@click.option("--query", "query_dir", required=True, type=click.Path(path_type=Path),
-              help="Query model checkpoint folder.")
-@click.option("--heads", "heads_dir", required=True, type=click.Path(path_type=Path),
-              help="Heads checkpoint folder (from `cmce train heads`).")
-@click.option("--gallery-model", "gallery_dirs", multiple=True, required=True,
-              type=click.Path(path_type=Path), help="Gallery model folder (repeat for N).")
+@click.option(
+    "--query",
+    "query_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Query model checkpoint folder.",
+)
+@click.option(
+    "--heads",
+    "heads_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Heads checkpoint folder (from `cmce train heads`).",
+)
+@click.option(
+    "--gallery-model",
+    "gallery_dirs",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Gallery model folder (repeat for N).",
+)
 @click.option("--gallery-images", required=True, help="Gallery source (folder or built-in).")
 @click.option("--query-images", required=True, help="Query source (folder or built-in).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@_friendly
+@cli_errors
 def eval_cmd(query_dir, heads_dir, gallery_dirs, gallery_images, query_images, as_json) -> None:
     """Recall@1, Recall@5 and MAP@R of your models on your images, by exact search:
     the query model alone, each gallery model through its head, and the ensemble.
@@ -183,11 +210,11 @@ def eval_cmd(query_dir, heads_dir, gallery_dirs, gallery_images, query_images, a
       cmce eval --query q --heads h --gallery-model g1 --gallery-model g2 \\
         --gallery-images fashion-mnist:train --query-images fashion-mnist:test
     """
-    from .data import load_source
-    from .heads import check_compatible, load_heads
-    from .metrics import retrieval_metrics
-    from .models import load_model
-    from .train import embed
+    from gallery_builder.data.datasets import load_source
+    from gallery_builder.evaluation.metrics import retrieval_metrics
+    from gallery_builder.models import load_model
+    from gallery_builder.training.fit import embed
+    from gallery_builder.training.heads import check_compatible, load_heads
 
     query, qcfg = load_model(query_dir)
     gallery = {Path(d).name: load_model(d) for d in gallery_dirs}
@@ -195,23 +222,35 @@ def eval_cmd(query_dir, heads_dir, gallery_dirs, gallery_images, query_images, a
     check_compatible(hcfg, qcfg, {n: c for n, (_, c) in gallery.items()})
     spec = query.input_spec
     gset, qset = load_source(gallery_images, spec), load_source(query_images, spec)
-    raw = {n: embed(m, load_source(gallery_images, m.input_spec).images if m.input_spec != spec
-                    else gset.images) for n, (m, _) in gallery.items()}
+    raw = {
+        n: embed(
+            m,
+            load_source(gallery_images, m.input_spec).images
+            if m.input_spec != spec
+            else gset.images,
+        )
+        for n, (m, _) in gallery.items()
+    }
     q_raw = embed(query, qset.images)
     qv = heads.encode_query(q_raw)
-    results = {"sym:query": retrieval_metrics(q_raw, qset.labels, embed(query, gset.images),
-                                              gset.labels)}
+    results = {
+        "sym:query": retrieval_metrics(q_raw, qset.labels, embed(query, gset.images), gset.labels)
+    }
     for n in gallery:
         results[f"{heads.mode}:{n}"] = retrieval_metrics(
-            qv, qset.labels, heads.encode_gallery(raw, [n])[0], gset.labels)
+            qv, qset.labels, heads.encode_gallery(raw, [n])[0], gset.labels
+        )
     results[f"{heads.mode}:ensemble"] = retrieval_metrics(
-        qv, qset.labels, heads.encode_gallery(raw)[0], gset.labels)
+        qv, qset.labels, heads.encode_gallery(raw)[0], gset.labels
+    )
     if as_json:
         click.echo(json.dumps({"space_id": hcfg["space_id"], "settings": results}, indent=2))
         return
     for name, m in results.items():
-        click.echo(f"{name:28s} R@1 {100 * m['recall_at_1']:6.2f}  R@5 "
-                   f"{100 * m['recall_at_5']:6.2f}  MAP@R {100 * m['map_at_r']:6.2f}")
+        click.echo(
+            f"{name:28s} R@1 {100 * m['recall_at_1']:6.2f}  R@5 "
+            f"{100 * m['recall_at_5']:6.2f}  MAP@R {100 * m['map_at_r']:6.2f}"
+        )
 
 
 # ---------------------------------------------------------------- train
@@ -221,32 +260,69 @@ def train() -> None:
 
 
 def _train_options(fn):
-    for option in reversed([
-        click.option("--data", "source", default="fashion-mnist:train", show_default=True,
-                     help="Training images: fashion-mnist:train, digits, or a class folder."),
-        click.option("--input-spec", default=None,
-                     help="HxWxC for image folders (built-ins know theirs)."),
-        click.option("--out", required=True, type=click.Path(path_type=Path),
-                     help="Checkpoint folder to write."),
-        click.option("--epochs", default=3, show_default=True),
-        click.option("--batch-size", default=256, show_default=True),
-        click.option("--lr", default=3e-3, show_default=True),
-        click.option("--seed", default=0, show_default=True),
-        click.option("--subset", default=1.0, show_default=True,
-                     help="Fraction of the images to train on (diversity between models)."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--data",
+                "source",
+                default="fashion-mnist:train",
+                show_default=True,
+                help="Training images: fashion-mnist:train, digits, or a class folder.",
+            ),
+            click.option(
+                "--input-spec",
+                default=None,
+                help="HxWxC for image folders (built-ins know theirs).",
+            ),
+            click.option(
+                "--out",
+                required=True,
+                type=click.Path(path_type=Path),
+                help="Checkpoint folder to write.",
+            ),
+            click.option("--epochs", default=3, show_default=True),
+            click.option("--batch-size", default=256, show_default=True),
+            click.option("--lr", default=3e-3, show_default=True),
+            click.option("--seed", default=0, show_default=True),
+            click.option(
+                "--subset",
+                default=1.0,
+                show_default=True,
+                help="Fraction of the images to train on (diversity between models).",
+            ),
+        ]
+    ):
         fn = option(fn)
     return fn
 
 
-def _fit(arch, embedding_dim, kwargs, source, input_spec, out, epochs, batch_size, lr, seed,
-         subset, role, teacher_dir=None):
+def _fit(
+    arch,
+    embedding_dim,
+    kwargs,
+    source,
+    input_spec,
+    out,
+    epochs,
+    batch_size,
+    lr,
+    seed,
+    subset,
+    role,
+    teacher_dir=None,
+):
     import torch
 
-    from .data import load_source
-    from .experiment import _subset_index
-    from .models import create_model, load_model, model_role, registered_identity, save_model
-    from .train import TrainSettings, embed, train_distilled, train_metric
+    from gallery_builder.data.datasets import load_source
+    from gallery_builder.evaluation.experiment import _subset_index
+    from gallery_builder.models import (
+        create_model,
+        load_model,
+        model_role,
+        registered_identity,
+        save_model,
+    )
+    from gallery_builder.training.fit import TrainSettings, embed, train_distilled, train_metric
 
     if model_role(arch) != role and teacher_dir is None:
         click.echo(f"note: {arch} is registered as a {model_role(arch)} architecture", err=True)
@@ -256,12 +332,19 @@ def _fit(arch, embedding_dim, kwargs, source, input_spec, out, epochs, batch_siz
     kw = json.loads(kwargs) if kwargs else {}
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     torch.manual_seed(seed)
-    training = {"data": images.name, "images": len(index), "subset": subset,
-                "settings": settings.to_dict()}
+    training = {
+        "data": images.name,
+        "images": len(index),
+        "subset": subset,
+        "settings": settings.to_dict(),
+    }
     if teacher_dir is not None:
         teacher, tcfg = load_model(teacher_dir)
         if teacher.input_spec != spec:
-            raise ValueError(f"teacher input spec {teacher.input_spec} != {spec}")
+            raise CheckpointError(
+                f"{teacher_dir}: teacher input spec {teacher.input_spec} differs "
+                f"from the student's {spec}"
+            )
         embedding_dim = teacher.embedding_dim
         model = create_model(arch, spec, embedding_dim, **kw)
         x = images.images[index]
@@ -273,8 +356,10 @@ def _fit(arch, embedding_dim, kwargs, source, input_spec, out, epochs, batch_siz
         training["loss"] = "normalized_softmax"
     identity = registered_identity(arch, spec, embedding_dim, **kw)
     config = save_model(out, model, identity, role, training)
-    click.echo(f"wrote {out} (fingerprint {config['fingerprint']}, {config['params']:,} "
-               f"parameters, {config['mflops']:.2f} MFLOPs)")
+    click.echo(
+        f"wrote {out} (fingerprint {config['fingerprint']}, {config['params']:,} "
+        f"parameters, {config['mflops']:.2f} MFLOPs)"
+    )
 
 
 @train.command("gallery")
@@ -282,7 +367,7 @@ def _fit(arch, embedding_dim, kwargs, source, input_spec, out, epochs, batch_siz
 @click.option("--embedding-dim", default=128, show_default=True)
 @click.option("--kwargs", default=None, help='Architecture options as JSON, e.g. {"width": 32}.')
 @_train_options
-@_friendly
+@cli_errors
 def train_gallery(arch, embedding_dim, kwargs, **opts) -> None:
     """Train one gallery model with a normalised-softmax metric loss.
 
@@ -300,7 +385,7 @@ def train_gallery(arch, embedding_dim, kwargs, **opts) -> None:
 @click.option("--embedding-dim", default=64, show_default=True)
 @click.option("--kwargs", default=None, help="Architecture options as JSON.")
 @_train_options
-@_friendly
+@cli_errors
 def train_query(arch, embedding_dim, kwargs, **opts) -> None:
     """Train the light query model on its own (it is frozen afterwards).
 
@@ -312,29 +397,37 @@ def train_query(arch, embedding_dim, kwargs, **opts) -> None:
 
 
 @train.command("kd")
-@click.option("--teacher", required=True, type=click.Path(path_type=Path),
-              help="Gallery model to distil.")
+@click.option(
+    "--teacher", required=True, type=click.Path(path_type=Path), help="Gallery model to distil."
+)
 @click.option("--arch", default="mobilenet", show_default=True)
 @click.option("--kwargs", default=None, help="Architecture options as JSON.")
 @_train_options
-@_friendly
+@cli_errors
 def train_kd(teacher, arch, kwargs, **opts) -> None:
     """The distillation baseline: a query model regressing a gallery model's embedding."""
     _fit(arch, None, kwargs, role="query", teacher_dir=teacher, **opts)
 
 
 @train.command("heads")
-@click.option("--mode", type=click.Choice(["unified", "to-query"]), default="unified",
-              show_default=True)
+@click.option(
+    "--mode", type=click.Choice(["unified", "to-query"]), default="unified", show_default=True
+)
 @click.option("--query", "query_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--gallery-model", "gallery_dirs", multiple=True, required=True,
-              type=click.Path(path_type=Path), help="Gallery model folder (repeat for N).")
+@click.option(
+    "--gallery-model",
+    "gallery_dirs",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Gallery model folder (repeat for N).",
+)
 @click.option("--data", "source", default="fashion-mnist:train", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--dim", default=128, show_default=True, help="Shared space dim (unified).")
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@_friendly
+@cli_errors
 def train_heads_cmd(mode, query_dir, gallery_dirs, source, out, dim, epochs, seed) -> None:
     """Train the transformation heads (gallery and query models frozen).
 
@@ -348,38 +441,66 @@ def train_heads_cmd(mode, query_dir, gallery_dirs, source, out, dim, epochs, see
     """
     import torch
 
-    from .data import load_source
-    from .heads import HeadSettings, save_heads, train_heads
-    from .models import load_model
-    from .train import embed
+    from gallery_builder.data.datasets import load_source
+    from gallery_builder.models import load_model
+    from gallery_builder.training.fit import embed
+    from gallery_builder.training.heads import HeadSettings, save_heads, train_heads
 
     query, qcfg = load_model(query_dir)
     gallery = {Path(d).name: load_model(d) for d in gallery_dirs}
     images = load_source(source, query.input_spec)
-    raw = {n: embed(m, load_source(source, m.input_spec).images, progress=n)
-           for n, (m, _) in gallery.items()}
+    raw = {
+        n: embed(m, load_source(source, m.input_spec).images, progress=n)
+        for n, (m, _) in gallery.items()
+    }
     labels = torch.as_tensor(images.labels)
     settings = HeadSettings(epochs=epochs, seed=seed)
-    heads = train_heads(mode, raw, embed(query, images.images), labels, settings,
-                        dim=dim if mode == "unified" else None)
-    config = save_heads(out, heads, qcfg["fingerprint"],
-                        {n: c["fingerprint"] for n, (_, c) in gallery.items()}, settings,
-                        {"data": images.name, "images": len(images)})
+    heads = train_heads(
+        mode,
+        raw,
+        embed(query, images.images),
+        labels,
+        settings,
+        dim=dim if mode == "unified" else None,
+    )
+    config = save_heads(
+        out,
+        heads,
+        qcfg["fingerprint"],
+        {n: c["fingerprint"] for n, (_, c) in gallery.items()},
+        settings,
+        {"data": images.name, "images": len(images)},
+    )
     _save_embeddings(out / EMBEDDINGS_FILE, raw, labels)
     click.echo(f"wrote {out} (mode {mode}, space_id {config['space_id']})")
 
 
 @train.command("update")
-@click.option("--heads", "heads_dir", required=True, type=click.Path(path_type=Path),
-              help="The heads the gallery was built with.")
-@click.option("--query", "query_dir", required=True, type=click.Path(path_type=Path),
-              help="The new query model.")
-@click.option("--data", "source", default="fashion-mnist:train", show_default=True,
-              help="The training images the heads were trained on.")
+@click.option(
+    "--heads",
+    "heads_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The heads the gallery was built with.",
+)
+@click.option(
+    "--query",
+    "query_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The new query model.",
+)
+@click.option(
+    "--data",
+    "source",
+    default="fashion-mnist:train",
+    show_default=True,
+    help="The training images the heads were trained on.",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@_friendly
+@cli_errors
 def train_update(heads_dir, query_dir, source, out, epochs, seed) -> None:
     """Fit a new query model to an existing gallery without running any gallery model.
 
@@ -390,47 +511,74 @@ def train_update(heads_dir, query_dir, source, out, epochs, seed) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from .data import load_source
-    from .heads import HeadSettings, load_heads, save_heads, train_heads, train_query_head
-    from .models import load_model
-    from .train import embed
+    from gallery_builder.data.datasets import load_source
+    from gallery_builder.models import load_model
+    from gallery_builder.training.fit import embed
+    from gallery_builder.training.heads import (
+        HeadSettings,
+        load_heads,
+        save_heads,
+        train_heads,
+        train_query_head,
+    )
 
     heads, hcfg = load_heads(heads_dir)
     query, qcfg = load_model(query_dir)
     stored_path = Path(heads_dir) / EMBEDDINGS_FILE
     if not stored_path.is_file():
-        raise ValueError(
+        raise CheckpointError(
             f"{heads_dir} has no {EMBEDDINGS_FILE}: `cmce train update` re-uses the gallery "
             "models' embeddings that `cmce train heads` stores beside its heads (the demo's "
-            "heads folders do not keep them); train the heads with `cmce train heads` first")
+            "heads folders do not keep them); train the heads with `cmce train heads` first"
+        )
     stored = load_file(stored_path)
     raw = {n: stored[f"gallery.{n}"].float() for n in heads.names}
     images = load_source(source, query.input_spec)
     if len(images) != len(stored["labels"]):
-        raise ValueError(f"{source} has {len(images)} images; the heads were trained on "
-                         f"{len(stored['labels'])}")
+        raise DataError(
+            f"{source} has {len(images)} images; the heads were trained on {len(stored['labels'])}"
+        )
     labels = stored["labels"].long()
     if not torch.equal(labels, torch.as_tensor(images.labels)):
-        raise ValueError(f"{source} is not the data the heads in {heads_dir} were trained on")
+        raise DataError(f"{source} is not the data the heads in {heads_dir} were trained on")
     settings = HeadSettings(epochs=epochs, seed=seed)
     q = embed(query, images.images)
-    new = (train_query_head(heads, raw, q, labels, settings) if heads.mode == "unified"
-           else train_heads("to-query", raw, q, labels, settings))
+    new = (
+        train_query_head(heads, raw, q, labels, settings)
+        if heads.mode == "unified"
+        else train_heads("to-query", raw, q, labels, settings)
+    )
     gallery_fps = {g["name"]: g["fingerprint"] for g in hcfg["gallery_models"]}
-    config = save_heads(out, new, qcfg["fingerprint"], gallery_fps, settings,
-                        {**hcfg["training"], "updated_from": hcfg["space_id"]})
+    config = save_heads(
+        out,
+        new,
+        qcfg["fingerprint"],
+        gallery_fps,
+        settings,
+        {**hcfg["training"], "updated_from": hcfg["space_id"]},
+    )
     _save_embeddings(out / EMBEDDINGS_FILE, raw, labels)
     same = config["space_id"] == hcfg["space_id"]
-    click.echo(f"wrote {out} (space_id {config['space_id']}: "
-               + ("unchanged, the gallery stays as it is)" if same else
-                  "new; re-project the gallery with these heads)"))
+    click.echo(
+        f"wrote {out} (space_id {config['space_id']}: "
+        + (
+            "unchanged, the gallery stays as it is)"
+            if same
+            else "new; re-project the gallery with these heads)"
+        )
+    )
 
 
 def _save_embeddings(path: Path, raw: dict, labels) -> None:
     from safetensors.torch import save_file
 
-    save_file({**{f"gallery.{n}": v.half().contiguous() for n, v in raw.items()},
-               "labels": labels.contiguous()}, str(path))
+    save_file(
+        {
+            **{f"gallery.{n}": v.half().contiguous() for n, v in raw.items()},
+            "labels": labels.contiguous(),
+        },
+        str(path),
+    )
 
 
 # ---------------------------------------------------------------- models
@@ -438,7 +586,7 @@ def _save_embeddings(path: Path, raw: dict, labels) -> None:
 def models_cmd() -> None:
     """List the registered architectures with their size at 28x28 grey (or at the one input an
     architecture takes)."""
-    from .models import (
+    from gallery_builder.models import (
         count_params,
         create_model,
         list_models,
@@ -450,22 +598,35 @@ def models_cmd() -> None:
     for name in list_models():
         spec = native_input_spec(name) or BUILTIN_SPECS["fashion-mnist"]
         m = create_model(name, spec)
-        click.echo(f"{name:18s} {model_role(name):8s} {count_params(m):>9,} params "
-                   f"{mflops(m, spec):8.2f} MFLOPs at {spec.height}x{spec.width}x{spec.channels}")
+        click.echo(
+            f"{name:18s} {model_role(name):8s} {count_params(m):>9,} params "
+            f"{mflops(m, spec):8.2f} MFLOPs at {spec.height}x{spec.width}x{spec.channels}"
+        )
 
 
 @main.command("import-model")
-@click.option("--entry-point", default=None,
-              help="package.module:factory building an nn.Module (images -> features).")
-@click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
-              help="safetensors file with the module's state dict.")
-@click.option("--torchscript", type=click.Path(exists=True, path_type=Path), default=None,
-              help="A TorchScript file instead of an entry point (trusted files only).")
+@click.option(
+    "--entry-point",
+    default=None,
+    help="package.module:factory building an nn.Module (images -> features).",
+)
+@click.option(
+    "--weights",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="safetensors file with the module's state dict.",
+)
+@click.option(
+    "--torchscript",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="A TorchScript file instead of an entry point (trusted files only).",
+)
 @click.option("--kwargs", default=None, help="Factory keyword arguments as JSON.")
 @click.option("--input-spec", required=True, help="HxWxC the module takes, e.g. 224x224x3.")
 @click.option("--feature-dim", required=True, type=int, help="Features per image.")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
-@_friendly
+@cli_errors
 def import_model(entry_point, weights, torchscript, kwargs, input_spec, feature_dim, out):
     """Wrap your own (pretrained) backbone as a gallery model checkpoint.
 
@@ -474,14 +635,15 @@ def import_model(entry_point, weights, torchscript, kwargs, input_spec, feature_
       cmce import-model --entry-point mypkg.nets:backbone --weights w.safetensors \\
         --input-spec 224x224x3 --feature-dim 768 --out models/mine
     """
-    from .models import import_external, import_torchscript
+    from gallery_builder.models import import_external, import_torchscript
 
     spec = _parse_spec(input_spec, "")
     if torchscript and not entry_point:
         config = import_torchscript(out, torchscript, spec, feature_dim)
     elif entry_point and weights and not torchscript:
-        config = import_external(out, entry_point, weights, spec, feature_dim,
-                                 json.loads(kwargs) if kwargs else {})
+        config = import_external(
+            out, entry_point, weights, spec, feature_dim, json.loads(kwargs) if kwargs else {}
+        )
     else:
         raise click.UsageError("give either --entry-point with --weights, or --torchscript")
     click.echo(f"wrote {out} (fingerprint {config['fingerprint']})")

@@ -31,6 +31,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gallery_builder.data.datasets import DataError
+from gallery_builder.data.sources import GalleryItem, ItemSource, open_source
+from gallery_builder.gallery.raw_store import Part, list_parts, part_path, read_part, write_part
+from gallery_builder.models import load_model
+from gallery_builder.models.checkpoint import CheckpointError, write_json
+from gallery_builder.training.fit import embed
+from gallery_builder.training.heads import HeadSet, check_gallery_models, load_heads
 from query_sdk.gallery_format import (
     MANIFEST_FILE,
     METRIC,
@@ -46,20 +53,20 @@ from query_sdk.gallery_format import (
 from query_sdk.shards import search_shards
 from query_sdk.spec import InputSpec
 
-from .checkpoint import CheckpointError, write_json
-from .data import DataError
-from .heads import HeadSet, check_gallery_models, load_heads
-from .models import load_model
-from .raw_store import Part, list_parts, part_path, read_part, write_part
-from .sources import GalleryItem, ItemSource, open_source
-from .train import embed
-
 log = logging.getLogger(__name__)
 
-__all__ = ["BuildSettings", "Ensemble", "build", "add", "remove", "reproject", "BUILD_FILE",
-           "SKIPPED_FILE"]
+__all__ = [
+    "BuildSettings",
+    "Ensemble",
+    "build",
+    "add",
+    "remove",
+    "reproject",
+    "BUILD_FILE",
+    "SKIPPED_FILE",
+]
 
-BUILD_FILE = "build.json"        # server side: what made the gallery (not downloaded)
+BUILD_FILE = "build.json"  # server side: what made the gallery (not downloaded)
 SKIPPED_FILE = "skipped.jsonl"
 EF_CANDIDATES = (10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 QUANTILES = (0.5, 0.75, 0.9, 0.95, 0.99)
@@ -73,8 +80,8 @@ class BuildSettings:
     M: int = 16
     ef_construction: int = 200
     batch_size: int = 256
-    reject_quantile: float = 0.0   # leave out this fraction of most uncertain items
-    recall_target: float = 0.99    # ef_search is the smallest reaching this recall@10
+    reject_quantile: float = 0.0  # leave out this fraction of most uncertain items
+    recall_target: float = 0.99  # ef_search is the smallest reaching this recall@10
     seed: int = 100
 
     def __post_init__(self) -> None:
@@ -96,7 +103,8 @@ class Ensemble:
         if missing:
             raise CheckpointError(
                 f"the heads in {heads_dir} need gallery models {sorted(self.heads.names)}; "
-                f"missing {sorted(missing)} (models are named by their folder)")
+                f"missing {sorted(missing)} (models are named by their folder)"
+            )
         check_gallery_models(self.heads_config, {n: c for n, (_, c) in self.models.items()})
 
     @property
@@ -110,17 +118,19 @@ class Ensemble:
     def encode_raw(self, source: ItemSource, items: list[GalleryItem]) -> Part:
         """Run every gallery model on ``items``; unusable items come back as skipped."""
         images, reasons = decode_items(source, items, set(self.specs.values()))
-        raw = {n: embed(self.models[n][0], images[spec]).numpy()
-               for n, spec in self.specs.items()}
+        raw = {n: embed(self.models[n][0], images[spec]).numpy() for n, spec in self.specs.items()}
         return assemble_part(items, raw, reasons)
 
     def job_identity(self) -> dict:
-        return {"models": {n: c["fingerprint"] for n, (_, c) in self.models.items()},
-                "heads": self.heads_config["fingerprint"]}
+        return {
+            "models": {n: c["fingerprint"] for n, (_, c) in self.models.items()},
+            "heads": self.heads_config["fingerprint"],
+        }
 
 
-def decode_items(source: ItemSource, items: list[GalleryItem],
-                 specs: set[InputSpec]) -> tuple[dict[InputSpec, np.ndarray], list[str]]:
+def decode_items(
+    source: ItemSource, items: list[GalleryItem], specs: set[InputSpec]
+) -> tuple[dict[InputSpec, np.ndarray], list[str]]:
     """Decode ``items`` for every input spec, aligned with ``items``.
 
     An item that fails for any spec gets a reason (and zero pixels everywhere); "" means ok.
@@ -139,8 +149,7 @@ def decode_items(source: ItemSource, items: list[GalleryItem],
     return out, reasons
 
 
-def assemble_part(items: list[GalleryItem], raw: dict[str, np.ndarray],
-                  reasons: list[str]) -> Part:
+def assemble_part(items: list[GalleryItem], raw: dict[str, np.ndarray], reasons: list[str]) -> Part:
     """Keep the items that decoded and whose embeddings are finite in every model."""
     reasons = list(reasons)
     for name, values in raw.items():
@@ -153,8 +162,11 @@ def assemble_part(items: list[GalleryItem], raw: dict[str, np.ndarray],
         ids=[i.id for i in kept],
         payload=[i.payload for i in kept],
         raw={n: np.asarray(v)[keep].astype(np.float16) for n, v in raw.items()},
-        skipped=[{"position": i.position, "id": i.id, "reason": r}
-                 for i, r in zip(items, reasons, strict=True) if r],
+        skipped=[
+            {"position": i.position, "id": i.id, "reason": r}
+            for i, r in zip(items, reasons, strict=True)
+            if r
+        ],
     )
 
 
@@ -172,9 +184,14 @@ def _ranges(items: list[GalleryItem], size: int, first: int) -> list[tuple[int, 
     return [(first + k, items[s : s + size]) for k, s in enumerate(range(0, len(items), size))]
 
 
-def encode_parts(ensemble: Ensemble, source: ItemSource, gallery: Path,
-                 ranges: list[tuple[int, list[GalleryItem]]], batch_size: int,
-                 resume: bool) -> None:
+def encode_parts(
+    ensemble: Ensemble,
+    source: ItemSource,
+    gallery: Path,
+    ranges: list[tuple[int, list[GalleryItem]]],
+    batch_size: int,
+    resume: bool,
+) -> None:
     """Phase 1 on this machine: one raw part per range (finished parts are kept on resume)."""
     todo = [(k, items) for k, items in ranges if not (resume and part_path(gallery, k).is_file())]
     if len(todo) < len(ranges):
@@ -207,8 +224,14 @@ class _Indexed:
     uncertainties: np.ndarray
 
 
-def index_parts(heads: HeadSet, gallery: Path, numbers: list[int], s: BuildSettings,
-                removed: set[str], threshold: float | None = None) -> _Indexed:
+def index_parts(
+    heads: HeadSet,
+    gallery: Path,
+    numbers: list[int],
+    s: BuildSettings,
+    removed: set[str],
+    threshold: float | None = None,
+) -> _Indexed:
     """Phase 2: parts -> shards (one per part). ``threshold=None`` derives it from
     ``s.reject_quantile`` over these parts; items listed in ``removed`` are left out.
 
@@ -220,31 +243,49 @@ def index_parts(heads: HeadSet, gallery: Path, numbers: list[int], s: BuildSetti
         vectors, unc = fuse_part(heads, part)
         live = np.array([i not in removed for i in part.ids], bool)
         fused[k] = (part, vectors, unc, live)
-    all_unc = np.concatenate([u[live] for _, _, u, live in fused.values()]) \
-        if fused else np.zeros(0)
+    all_unc = (
+        np.concatenate([u[live] for _, _, u, live in fused.values()]) if fused else np.zeros(0)
+    )
     if threshold is None and s.reject_quantile > 0 and len(all_unc):
         threshold = float(np.quantile(all_unc, 1.0 - s.reject_quantile))
     jobs, rejected = [], []
     for k, (part, vectors, unc, live) in fused.items():
         keep = live & (unc <= threshold if threshold is not None else True)
-        rejected += [{"id": part.ids[i], "uncertainty": float(unc[i])}
-                     for i in np.flatnonzero(live & ~keep)]
+        rejected += [
+            {"id": part.ids[i], "uncertainty": float(unc[i])} for i in np.flatnonzero(live & ~keep)
+        ]
         if keep.any():
             rows = np.flatnonzero(keep)
-            jobs.append((k, vectors[keep], part.positions[keep], [part.ids[i] for i in rows],
-                         unc[keep], [part.payload[i] for i in rows]))
+            jobs.append(
+                (
+                    k,
+                    vectors[keep],
+                    part.positions[keep],
+                    [part.ids[i] for i in rows],
+                    unc[keep],
+                    [part.payload[i] for i in rows],
+                )
+            )
 
     def write(job: tuple) -> ShardFiles:
-        return write_shard(gallery, *job, M=s.M, ef_construction=s.ef_construction,
-                           seed=s.seed, num_threads=1)
+        return write_shard(
+            gallery, *job, M=s.M, ef_construction=s.ef_construction, seed=s.seed, num_threads=1
+        )
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         shards = list(tqdm(pool.map(write, jobs), total=len(jobs), desc="index", unit="shard"))
     return _Indexed(shards, rejected, threshold, all_unc)
 
 
-def tune_ef_search(gallery: Path, shards: list[ShardFiles], dim: int, target: float,
-                   sample: int = 1000, k: int = 10, seed: int = 0) -> tuple[int, float]:
+def tune_ef_search(
+    gallery: Path,
+    shards: list[ShardFiles],
+    dim: int,
+    target: float,
+    sample: int = 1000,
+    k: int = 10,
+    seed: int = 0,
+) -> tuple[int, float]:
     """Smallest ef from EF_CANDIDATES whose merged recall@k vs exact search reaches ``target``.
 
     Queries are gallery vectors with noise added (cosine about 0.9 to their source), so they
@@ -270,8 +311,9 @@ def tune_ef_search(gallery: Path, shards: list[ShardFiles], dim: int, target: fl
         for index, _ in pairs:
             index.set_ef(max(ef, kk))
         found, _ = search_shards(pairs, queries, kk)
-        recall = float(np.mean([len(set(a) & set(b)) / kk for a, b in zip(found, exact,
-                                                                          strict=True)]))
+        recall = float(
+            np.mean([len(set(a) & set(b)) / kk for a, b in zip(found, exact, strict=True)])
+        )
         if recall >= target:
             return ef, recall
     log.warning("recall@%d %.4f < %.2f even at ef=%d", k, recall, target, EF_CANDIDATES[-1])
@@ -279,8 +321,15 @@ def tune_ef_search(gallery: Path, shards: list[ShardFiles], dim: int, target: fl
 
 
 # ------------------------------------------------------------------------------------ manifest
-def _manifest(gallery: Path, heads: HeadSet, heads_config: dict, s: BuildSettings,
-              indexed: _Indexed, skipped: int, rejected: list[dict]) -> Manifest:
+def _manifest(
+    gallery: Path,
+    heads: HeadSet,
+    heads_config: dict,
+    s: BuildSettings,
+    indexed: _Indexed,
+    skipped: int,
+    rejected: list[dict],
+) -> Manifest:
     ef, recall = tune_ef_search(gallery, indexed.shards, heads.dim, s.recall_target)
     unc = indexed.uncertainties
     return Manifest(
@@ -290,15 +339,19 @@ def _manifest(gallery: Path, heads: HeadSet, heads_config: dict, s: BuildSetting
         hnsw={"M": s.M, "ef_construction": s.ef_construction, "ef_search": ef},
         gallery_models=heads_config["gallery_models"],
         heads={"mode": heads.mode, "fingerprint": heads_config["fingerprint"]},
-        uncertainty_quantiles={str(q): float(np.quantile(unc, q)) if len(unc) else 0.0
-                               for q in QUANTILES},
+        uncertainty_quantiles={
+            str(q): float(np.quantile(unc, q)) if len(unc) else 0.0 for q in QUANTILES
+        },
         shards=indexed.shards,
         rejected=rejected,
         skipped=skipped,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         tool_version=version("cmce"),
-        extra={"recall_at_10": recall, "reject_quantile": s.reject_quantile,
-               "reject_threshold": indexed.threshold},
+        extra={
+            "recall_at_10": recall,
+            "reject_quantile": s.reject_quantile,
+            "reject_threshold": indexed.threshold,
+        },
     )
 
 
@@ -306,8 +359,10 @@ def _read_build(gallery: Path) -> dict:
     try:
         return json.loads((Path(gallery) / BUILD_FILE).read_text())
     except FileNotFoundError:
-        raise GalleryError(f"{gallery}: no {BUILD_FILE}; not a gallery built here "
-                           "(add/remove/reproject need the server-side raw store)") from None
+        raise GalleryError(
+            f"{gallery}: no {BUILD_FILE}; not a gallery built here "
+            "(add/remove/reproject need the server-side raw store)"
+        ) from None
 
 
 def _write_skipped(gallery: Path, numbers: list[int]) -> int:
@@ -335,43 +390,77 @@ class Summary:
 
 def _summary(gallery: Path, manifest: Manifest, seconds: float, processed: int) -> Summary:
     total = sum(f["bytes"] for sh in manifest.shards for f in sh.files.values())
-    return Summary(manifest.count, manifest.skipped, len(manifest.rejected), len(manifest.shards),
-                   total / max(manifest.count, 1), processed / max(seconds, 1e-9), seconds,
-                   manifest.hnsw["ef_search"], manifest.extra["recall_at_10"])
+    return Summary(
+        manifest.count,
+        manifest.skipped,
+        len(manifest.rejected),
+        len(manifest.shards),
+        total / max(manifest.count, 1),
+        processed / max(seconds, 1e-9),
+        seconds,
+        manifest.hnsw["ef_search"],
+        manifest.extra["recall_at_10"],
+    )
 
 
-def build(model_dirs: list[Path], heads_dir: Path, source: str, out: Path,
-          s: BuildSettings, engine: str = "local", resume: bool = False) -> Summary:
+def build(
+    model_dirs: list[Path],
+    heads_dir: Path,
+    source: str,
+    out: Path,
+    s: BuildSettings,
+    engine: str = "local",
+    resume: bool = False,
+) -> Summary:
     """Build a gallery from scratch (or finish an interrupted build with ``resume``)."""
     start = time.perf_counter()
     out = Path(out)
     if (out / MANIFEST_FILE).exists():
-        raise GalleryError(f"{out} already holds a gallery; choose another --out, or use "
-                           "`add`, `remove` or `reproject` on it")
+        raise GalleryError(
+            f"{out} already holds a gallery; choose another --out, or use "
+            "`add`, `remove` or `reproject` on it"
+        )
     ensemble = Ensemble(model_dirs, heads_dir)
     src = open_source(source)
-    job = {**ensemble.job_identity(), "source": source, "items": len(src),
-           "shard_size": s.shard_size}
+    job = {
+        **ensemble.job_identity(),
+        "source": source,
+        "items": len(src),
+        "shard_size": s.shard_size,
+    }
     out.mkdir(parents=True, exist_ok=True)
     if (out / BUILD_FILE).exists():
         previous = _read_build(out)
         if not resume:
-            raise GalleryError(f"{out} holds an unfinished build; pass --resume to finish it "
-                               "or choose another --out")
+            raise GalleryError(
+                f"{out} holds an unfinished build; pass --resume to finish it "
+                "or choose another --out"
+            )
         if previous["job"] != job:
-            raise GalleryError(f"{out}: --resume with different models, heads, source or "
-                               f"shard size than the interrupted build ({previous['job']})")
-    write_json(out / BUILD_FILE, {
-        "job": job, "models": [str(d) for d in ensemble.model_dirs],
-        "heads": str(ensemble.heads_dir), "settings": asdict(s), "sources": [source],
-        "next_position": len(src), "removed": []})
+            raise GalleryError(
+                f"{out}: --resume with different models, heads, source or "
+                f"shard size than the interrupted build ({previous['job']})"
+            )
+    write_json(
+        out / BUILD_FILE,
+        {
+            "job": job,
+            "models": [str(d) for d in ensemble.model_dirs],
+            "heads": str(ensemble.heads_dir),
+            "settings": asdict(s),
+            "sources": [source],
+            "next_position": len(src),
+            "removed": [],
+        },
+    )
     ranges = _ranges(src.items, s.shard_size, 0)
     _encode(engine, ensemble, src, out, ranges, s, resume)
     numbers = [k for k, _ in ranges]
     indexed = index_parts(ensemble.heads, out, numbers, s, set())
     skipped = _write_skipped(out, numbers)
-    manifest = _manifest(out, ensemble.heads, ensemble.heads_config, s, indexed, skipped,
-                         indexed.rejected)
+    manifest = _manifest(
+        out, ensemble.heads, ensemble.heads_config, s, indexed, skipped, indexed.rejected
+    )
     write_manifest(out, manifest)
     return _summary(out, manifest, time.perf_counter() - start, len(src))
 
@@ -380,7 +469,7 @@ def _encode(engine, ensemble, src, gallery, ranges, s, resume) -> None:
     if engine == "local":
         encode_parts(ensemble, src, gallery, ranges, s.batch_size, resume)
     elif engine == "ray":
-        from .ray_engine import encode_parts_ray
+        from gallery_builder.gallery.ray_engine import encode_parts_ray
 
         encode_parts_ray(ensemble, src, gallery, ranges, s.batch_size, resume)
     else:
@@ -422,8 +511,10 @@ def reproject(gallery: Path, heads_dir: Path) -> Summary:
     known = {g["name"]: g["fingerprint"] for g in manifest.gallery_models}
     given = {g["name"]: g["fingerprint"] for g in heads_config["gallery_models"]}
     if known != given:
-        raise CheckpointError(f"the heads in {heads_dir} are for gallery models {given}; "
-                              f"this gallery was encoded by {known}")
+        raise CheckpointError(
+            f"the heads in {heads_dir} are for gallery models {given}; "
+            f"this gallery was encoded by {known}"
+        )
     s = _settings(info)
     numbers = list_parts(gallery)
     with staged(gallery) as stage:
@@ -431,11 +522,15 @@ def reproject(gallery: Path, heads_dir: Path) -> Summary:
             for name in sh.files:
                 (stage / name).unlink(missing_ok=True)
         indexed = index_parts(heads, stage, numbers, s, set(info["removed"]))
-        new = _manifest(stage, heads, heads_config, s, indexed, manifest.skipped,
-                        indexed.rejected)
-        write_json(stage / BUILD_FILE, {**info, "heads": str(Path(heads_dir).resolve()),
-                                        "job": {**info["job"],
-                                                "heads": heads_config["fingerprint"]}})
+        new = _manifest(stage, heads, heads_config, s, indexed, manifest.skipped, indexed.rejected)
+        write_json(
+            stage / BUILD_FILE,
+            {
+                **info,
+                "heads": str(Path(heads_dir).resolve()),
+                "job": {**info["job"], "heads": heads_config["fingerprint"]},
+            },
+        )
         write_manifest(stage, new)
     n = sum(len(read_part(part_path(gallery, k))) for k in numbers)
     return _summary(gallery, new, time.perf_counter() - start, n)
@@ -449,8 +544,10 @@ def add(gallery: Path, source: str, engine: str = "local") -> Summary:
     info = _read_build(gallery)
     ensemble = Ensemble([Path(d) for d in info["models"]], Path(info["heads"]))
     if ensemble.heads_config["space_id"] != manifest.space_id:
-        raise GalleryError(f"{info['heads']} maps into space {ensemble.heads_config['space_id']}"
-                           f", the gallery is in {manifest.space_id}")
+        raise GalleryError(
+            f"{info['heads']} maps into space {ensemble.heads_config['space_id']}"
+            f", the gallery is in {manifest.space_id}"
+        )
     src = open_source(source, start=info["next_position"])
     numbers = list_parts(gallery)
     existing = {i for k in numbers for i in read_part(part_path(gallery, k)).ids}
@@ -463,18 +560,39 @@ def add(gallery: Path, source: str, engine: str = "local") -> Summary:
         _encode(engine, ensemble, src, stage, ranges, s, False)
         new_numbers = [k for k, _ in ranges]
         threshold = manifest.extra.get("reject_threshold")
-        indexed = index_parts(ensemble.heads, stage, new_numbers, s, set(info["removed"]),
-                              threshold=threshold if threshold is not None else float("inf"))
-        all_unc = np.concatenate([indexed.uncertainties] + [
-            load_shard(stage, sh, manifest.dim, 10)[1].uncertainty for sh in manifest.shards])
+        indexed = index_parts(
+            ensemble.heads,
+            stage,
+            new_numbers,
+            s,
+            set(info["removed"]),
+            threshold=threshold if threshold is not None else float("inf"),
+        )
+        all_unc = np.concatenate(
+            [indexed.uncertainties]
+            + [load_shard(stage, sh, manifest.dim, 10)[1].uncertainty for sh in manifest.shards]
+        )
         indexed.shards = manifest.shards + indexed.shards
         indexed.uncertainties = all_unc
         indexed.threshold = threshold
         skipped = _write_skipped(stage, numbers + new_numbers)
-        new = _manifest(stage, ensemble.heads, ensemble.heads_config, s, indexed, skipped,
-                        manifest.rejected + indexed.rejected)
-        write_json(stage / BUILD_FILE, {**info, "sources": info["sources"] + [source],
-                                        "next_position": info["next_position"] + len(src)})
+        new = _manifest(
+            stage,
+            ensemble.heads,
+            ensemble.heads_config,
+            s,
+            indexed,
+            skipped,
+            manifest.rejected + indexed.rejected,
+        )
+        write_json(
+            stage / BUILD_FILE,
+            {
+                **info,
+                "sources": info["sources"] + [source],
+                "next_position": info["next_position"] + len(src),
+            },
+        )
         write_manifest(stage, new)
     return _summary(gallery, new, time.perf_counter() - start, len(src))
 
@@ -489,8 +607,11 @@ def remove(gallery: Path, ids: list[str]) -> dict:
         shards, found = [], set()
         for sh in manifest.shards:
             _, meta = load_shard(stage, sh, manifest.dim, 10)
-            hit = {int(lab) for i, lab, d in zip(meta.ids, meta.labels, meta.deleted,
-                                                 strict=True) if i in wanted and not d}
+            hit = {
+                int(lab)
+                for i, lab, d in zip(meta.ids, meta.labels, meta.deleted, strict=True)
+                if i in wanted and not d
+            }
             found |= {i for i in meta.ids if i in wanted}
             shards.append(update_shard_deletions(stage, sh, hit, manifest.dim) if hit else sh)
         missing = wanted - found

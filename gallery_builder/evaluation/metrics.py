@@ -13,8 +13,9 @@ __all__ = ["search", "retrieval_metrics", "recall_at_1"]
 
 
 @torch.no_grad()
-def search(query: torch.Tensor, gallery: torch.Tensor, k: int,
-           chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def search(
+    query: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k by inner product: (scores, indices), each (queries, k)."""
     k = min(k, len(gallery))
     scores, indices = [], []
@@ -32,8 +33,13 @@ def recall_at_1(query, query_labels, gallery, gallery_labels) -> float:
 
 
 @torch.no_grad()
-def retrieval_metrics(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
-                      gallery_labels: torch.Tensor, chunk: int = 256) -> dict[str, float]:
+def retrieval_metrics(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    chunk: int = 256,
+) -> dict[str, float]:
     """Recall@1, Recall@5 and MAP@R of queries against a separate gallery, by exact search."""
     query_labels = torch.as_tensor(query_labels)
     gallery_labels = torch.as_tensor(gallery_labels)

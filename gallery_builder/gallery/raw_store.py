@@ -23,11 +23,11 @@ RAW_DIR = "raw"
 
 @dataclass
 class Part:
-    positions: np.ndarray            # int64: the items' positions (hnswlib labels)
+    positions: np.ndarray  # int64: the items' positions (hnswlib labels)
     ids: list[str]
     payload: list[dict | None]
-    raw: dict[str, np.ndarray]       # model name -> (n, d) float16
-    skipped: list[dict]              # {"position", "id", "reason"}
+    raw: dict[str, np.ndarray]  # model name -> (n, d) float16
+    skipped: list[dict]  # {"position", "id", "reason"}
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -39,8 +39,11 @@ def part_path(gallery: Path, number: int) -> Path:
 
 def list_parts(gallery: Path) -> list[int]:
     folder = Path(gallery) / RAW_DIR
-    return sorted(int(p.stem.split("-")[1]) for p in folder.glob("part-*.npz")) \
-        if folder.is_dir() else []
+    return (
+        sorted(int(p.stem.split("-")[1]) for p in folder.glob("part-*.npz"))
+        if folder.is_dir()
+        else []
+    )
 
 
 def write_part(path: Path, part: Part) -> None:
@@ -49,10 +52,14 @@ def write_part(path: Path, part: Part) -> None:
     arrays = {
         "positions": np.asarray(part.positions, np.int64),
         "ids": np.asarray(part.ids, dtype=str) if part.ids else np.zeros(0, "<U1"),
-        "payload": np.asarray([json.dumps(p) if p is not None else "" for p in part.payload],
-                              dtype=str) if part.payload else np.zeros(0, "<U1"),
+        "payload": np.asarray(
+            [json.dumps(p) if p is not None else "" for p in part.payload], dtype=str
+        )
+        if part.payload
+        else np.zeros(0, "<U1"),
         "skipped": np.asarray([json.dumps(s) for s in part.skipped], dtype=str)
-        if part.skipped else np.zeros(0, "<U1"),
+        if part.skipped
+        else np.zeros(0, "<U1"),
         **{f"raw.{name}": np.asarray(v, np.float16) for name, v in part.raw.items()},
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -16,17 +16,22 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from query_sdk.errors import CheckpointError
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 
 __all__ = [
-    "CONFIG_FILE", "WEIGHTS_FILE", "CheckpointError", "fingerprint", "write_json",
-    "save_checkpoint", "read_config", "read_weights", "load_state_strict",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "CheckpointError",
+    "fingerprint",
+    "write_json",
+    "save_checkpoint",
+    "read_config",
+    "read_weights",
+    "load_state_strict",
 ]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing, malformed, or does not match its weights."""
 
 
 def fingerprint(state: dict[str, torch.Tensor], identity: dict) -> str:
@@ -116,9 +121,11 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
         if own[k].shape != state[k].shape
     ]
     if missing or unexpected or shapes:
-        parts = [f"missing keys {missing[:5]}" if missing else "",
-                 f"unexpected keys {unexpected[:5]}" if unexpected else "",
-                 f"shape mismatches {shapes[:5]}" if shapes else ""]
+        parts = [
+            f"missing keys {missing[:5]}" if missing else "",
+            f"unexpected keys {unexpected[:5]}" if unexpected else "",
+            f"shape mismatches {shapes[:5]}" if shapes else "",
+        ]
         raise CheckpointError(
             f"{where}: {WEIGHTS_FILE} does not match the architecture in {CONFIG_FILE}: "
             + "; ".join(p for p in parts if p)

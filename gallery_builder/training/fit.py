@@ -11,7 +11,7 @@ import torch
 from pytorch_metric_learning.losses import NormalizedSoftmaxLoss
 from tqdm.auto import tqdm
 
-from .models import EmbeddingNet
+from gallery_builder.models import EmbeddingNet
 
 __all__ = ["TrainSettings", "train_metric", "train_distilled", "embed", "seed_everything"]
 
@@ -39,8 +39,13 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 1024,
-          flip: bool = False, progress: str | None = None) -> torch.Tensor:
+def embed(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    batch_size: int = 1024,
+    flip: bool = False,
+    progress: str | None = None,
+) -> torch.Tensor:
     """Embeddings of uint8 NHWC images (optionally mirrored), in eval mode."""
     model.eval()
     images = torch.as_tensor(images)
@@ -52,8 +57,14 @@ def embed(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size:
     return torch.cat(out) if out else torch.empty(0, getattr(model, "embedding_dim", 0))
 
 
-def _run(model: EmbeddingNet, images: torch.Tensor, s: TrainSettings, extra_params: list,
-         loss_fn, desc: str) -> EmbeddingNet:
+def _run(
+    model: EmbeddingNet,
+    images: torch.Tensor,
+    s: TrainSettings,
+    extra_params: list,
+    loss_fn,
+    desc: str,
+) -> EmbeddingNet:
     """Shared loop: AdamW + one-cycle schedule over shuffled mini-batches, random mirroring."""
     gen = seed_everything(s.seed)
     params = list(model.parameters()) + extra_params
@@ -85,18 +96,34 @@ def _run(model: EmbeddingNet, images: torch.Tensor, s: TrainSettings, extra_para
     return model.eval()
 
 
-def train_metric(model: EmbeddingNet, images: np.ndarray, labels: np.ndarray, s: TrainSettings,
-                 desc: str = "train") -> EmbeddingNet:
+def train_metric(
+    model: EmbeddingNet,
+    images: np.ndarray,
+    labels: np.ndarray,
+    s: TrainSettings,
+    desc: str = "train",
+) -> EmbeddingNet:
     """Metric learning with a normalised-softmax loss (pytorch-metric-learning)."""
     labels_t = torch.as_tensor(labels, dtype=torch.long)
     loss = NormalizedSoftmaxLoss(int(labels_t.max()) + 1, model.embedding_dim, s.temperature)
-    return _run(model, torch.as_tensor(images), s, list(loss.parameters()),
-                lambda emb, idx, _: loss(emb, labels_t[idx]), desc)
+    return _run(
+        model,
+        torch.as_tensor(images),
+        s,
+        list(loss.parameters()),
+        lambda emb, idx, _: loss(emb, labels_t[idx]),
+        desc,
+    )
 
 
-def train_distilled(model: EmbeddingNet, images: np.ndarray, teacher: torch.Tensor,
-                    teacher_flipped: torch.Tensor, s: TrainSettings,
-                    desc: str = "distill") -> EmbeddingNet:
+def train_distilled(
+    model: EmbeddingNet,
+    images: np.ndarray,
+    teacher: torch.Tensor,
+    teacher_flipped: torch.Tensor,
+    s: TrainSettings,
+    desc: str = "distill",
+) -> EmbeddingNet:
     """Knowledge distillation: regress the teacher's normalised embedding (cosine/L2 loss).
 
     ``teacher`` and ``teacher_flipped`` hold the teacher's embeddings of the images and of
@@ -109,10 +136,11 @@ def train_distilled(model: EmbeddingNet, images: np.ndarray, teacher: torch.Tens
         )
 
     def loss_fn(emb, idx, flip):
-        target = teacher[idx] if flip is None else torch.where(
-            flip[:, None], teacher_flipped[idx], teacher[idx])
+        target = (
+            teacher[idx]
+            if flip is None
+            else torch.where(flip[:, None], teacher_flipped[idx], teacher[idx])
+        )
         return (emb - target).pow(2).sum(dim=1).mean()
 
     return _run(model, torch.as_tensor(images), s, [], loss_fn, desc)
-
-

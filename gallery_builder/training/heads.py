@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import (
+from gallery_builder.models.checkpoint import (
     CheckpointError,
     fingerprint,
     load_state_strict,
@@ -31,11 +31,22 @@ from .checkpoint import (
     read_weights,
     save_checkpoint,
 )
-from .fusion import fuse
+from gallery_builder.training.fusion import fuse
 
-__all__ = ["MODES", "DEFAULT_MODE", "Head", "HeadSet", "HeadSettings", "train_heads",
-           "train_query_head", "save_heads", "load_heads", "check_compatible", "check_query_model",
-           "check_gallery_models"]
+__all__ = [
+    "MODES",
+    "DEFAULT_MODE",
+    "Head",
+    "HeadSet",
+    "HeadSettings",
+    "train_heads",
+    "train_query_head",
+    "save_heads",
+    "load_heads",
+    "check_compatible",
+    "check_query_model",
+    "check_gallery_models",
+]
 
 MODES = ("unified", "to-query")
 DEFAULT_MODE = "unified"
@@ -78,8 +89,16 @@ class HeadSet(nn.Module):
     """The heads of one space: a head per gallery model, and in ``unified`` mode the query head
     and the shared classifier. ``meta`` keeps names, dims and fingerprints of what they join."""
 
-    def __init__(self, mode: str, dim: int, gallery_dims: dict[str, int], query_dim: int,
-                 num_classes: int, hidden: int = 512, layers: int = 2) -> None:
+    def __init__(
+        self,
+        mode: str,
+        dim: int,
+        gallery_dims: dict[str, int],
+        query_dim: int,
+        num_classes: int,
+        hidden: int = 512,
+        layers: int = 2,
+    ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -89,15 +108,18 @@ class HeadSet(nn.Module):
         self.gallery_dims = dict(gallery_dims)
         keys = [_key(n) for n in gallery_dims]
         if len(set(keys)) != len(keys):
-            raise ValueError(f"gallery model names {sorted(gallery_dims)} collide once '.' "
-                             "becomes '_'; rename one of them")
+            raise ValueError(
+                f"gallery model names {sorted(gallery_dims)} collide once '.' "
+                "becomes '_'; rename one of them"
+            )
         self.num_classes, self.hidden, self.layers = num_classes, hidden, layers
         self.gallery = nn.ModuleDict(
             {_key(n): Head(d, dim, hidden, layers) for n, d in gallery_dims.items()}
         )
         self.query = Head(query_dim, dim, hidden, layers) if mode == "unified" else None
-        self.classifier = nn.Parameter(torch.randn(num_classes, dim) * 0.01) \
-            if mode == "unified" else None
+        self.classifier = (
+            nn.Parameter(torch.randn(num_classes, dim) * 0.01) if mode == "unified" else None
+        )
 
     @property
     def names(self) -> list[str]:
@@ -112,8 +134,9 @@ class HeadSet(nn.Module):
         return self.query(query_embedding)
 
     @torch.no_grad()
-    def encode_gallery(self, raw: dict[str, torch.Tensor],
-                       names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_gallery(
+        self, raw: dict[str, torch.Tensor], names: list[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gallery vectors and uncertainties from raw per-model embeddings (eval mode)."""
         self.eval()
         names = names or self.names
@@ -135,8 +158,10 @@ class HeadSet(nn.Module):
 
     def head_fingerprint(self, name: str) -> str:
         prefix = f"gallery.{_key(name)}."
-        return fingerprint({k: v for k, v in self.state_dict().items() if k.startswith(prefix)},
-                           {"in": self.gallery_dims[name], "out": self.dim})
+        return fingerprint(
+            {k: v for k, v in self.state_dict().items() if k.startswith(prefix)},
+            {"in": self.gallery_dims[name], "out": self.dim},
+        )
 
 
 def _key(name: str) -> str:
@@ -155,8 +180,9 @@ def _optimise(params, n: int, s: HeadSettings, loss_fn, desc: str, modules) -> N
     gen = torch.Generator().manual_seed(s.seed)
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     steps = s.epochs * math.ceil(n / s.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, s.lr, total_steps=steps + s.epochs,
-                                                pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, s.lr, total_steps=steps + s.epochs, pct_start=0.1
+    )
     for m in modules:
         m.train()
     with tqdm(total=s.epochs, desc=desc, leave=False, unit="epoch") as bar:
@@ -177,9 +203,14 @@ def _cosine_logits(x: torch.Tensor, classifier: torch.Tensor, temperature: float
     return x @ F.normalize(classifier, dim=-1).T / temperature
 
 
-def train_heads(mode: str, gallery_raw: dict[str, torch.Tensor], query_embedding: torch.Tensor,
-                labels: torch.Tensor, s: HeadSettings | None = None,
-                dim: int | None = None) -> HeadSet:
+def train_heads(
+    mode: str,
+    gallery_raw: dict[str, torch.Tensor],
+    query_embedding: torch.Tensor,
+    labels: torch.Tensor,
+    s: HeadSettings | None = None,
+    dim: int | None = None,
+) -> HeadSet:
     """Train the heads of one space on embeddings of the same training images.
 
     ``gallery_raw[name]`` holds G_name's embeddings (N, d_name); ``query_embedding`` is Q's
@@ -194,15 +225,28 @@ def train_heads(mode: str, gallery_raw: dict[str, torch.Tensor], query_embedding
     labels = torch.as_tensor(labels, dtype=torch.long)
     q = F.normalize(query_embedding.float(), dim=-1)
     raw = {k: v.float() for k, v in gallery_raw.items()}
-    heads = HeadSet(mode, dim or q.shape[1], {k: v.shape[1] for k, v in raw.items()}, q.shape[1],
-                    int(labels.max()) + 1, s.hidden, s.layers)
+    heads = HeadSet(
+        mode,
+        dim or q.shape[1],
+        {k: v.shape[1] for k, v in raw.items()},
+        q.shape[1],
+        int(labels.max()) + 1,
+        s.hidden,
+        s.layers,
+    )
     if mode == "to-query":
         for name in heads.names:
             head = heads.gallery[_key(name)]
-            _optimise(head.parameters(), n, s,
-                      lambda idx, head=head, name=name:
-                      (head(raw[name][idx]) - q[idx]).pow(2).sum(1).mean(),
-                      f"head {name} -> query", [head])
+            _optimise(
+                head.parameters(),
+                n,
+                s,
+                lambda idx, head=head, name=name: (
+                    (head(raw[name][idx]) - q[idx]).pow(2).sum(1).mean()
+                ),
+                f"head {name} -> query",
+                [head],
+            )
         return heads.eval()
 
     def unified_loss(idx):
@@ -211,24 +255,31 @@ def train_heads(mode: str, gallery_raw: dict[str, torch.Tensor], query_embedding
         loss = F.cross_entropy(_cosine_logits(tq, heads.classifier, s.temperature), y)
         for name in heads.names:
             tg = heads.gallery[_key(name)](raw[name][idx])
-            loss = loss + (s.l2_weight * (tg - tq).pow(2).sum(1).mean()
-                           + F.cross_entropy(_cosine_logits(tg, heads.classifier, s.temperature),
-                                             y)) / len(heads.names)
+            loss = loss + (
+                s.l2_weight * (tg - tq).pow(2).sum(1).mean()
+                + F.cross_entropy(_cosine_logits(tg, heads.classifier, s.temperature), y)
+            ) / len(heads.names)
         return loss
 
     _optimise(heads.parameters(), n, s, unified_loss, "unified heads", [heads])
     return heads.eval()
 
 
-def train_query_head(heads: HeadSet, gallery_raw: dict[str, torch.Tensor],
-                     new_query_embedding: torch.Tensor, labels: torch.Tensor,
-                     s: HeadSettings | None = None) -> HeadSet:
+def train_query_head(
+    heads: HeadSet,
+    gallery_raw: dict[str, torch.Tensor],
+    new_query_embedding: torch.Tensor,
+    labels: torch.Tensor,
+    s: HeadSettings | None = None,
+) -> HeadSet:
     """Compatible query-model update in ``unified`` mode: a new query head T_q' for a new query
     model, trained against the frozen gallery heads and classifier. No gallery model runs (the
     stored raw training embeddings are used) and the gallery's space is unchanged."""
     if heads.mode != "unified":
-        raise ValueError("a new query head needs unified heads; in to-query mode train new "
-                         "gallery heads into the new query space (train_heads) and re-project")
+        raise ValueError(
+            "a new query head needs unified heads; in to-query mode train new "
+            "gallery heads into the new query space (train_heads) and re-project"
+        )
     s = s or HeadSettings()
     torch.manual_seed(s.seed)
     new = copy.deepcopy(heads).eval()
@@ -239,8 +290,9 @@ def train_query_head(heads: HeadSet, gallery_raw: dict[str, torch.Tensor],
     q = F.normalize(new_query_embedding.float(), dim=-1)
     labels = torch.as_tensor(labels, dtype=torch.long)
     with torch.no_grad():
-        targets = torch.stack([new.transform_gallery(nm, gallery_raw[nm].float())
-                               for nm in new.names])  # (N_models, N, dim)
+        targets = torch.stack(
+            [new.transform_gallery(nm, gallery_raw[nm].float()) for nm in new.names]
+        )  # (N_models, N, dim)
 
     def loss_fn(idx):
         tq = new.query(q[idx])
@@ -254,19 +306,36 @@ def train_query_head(heads: HeadSet, gallery_raw: dict[str, torch.Tensor],
     return new.eval()
 
 
-def save_heads(path: Path, heads: HeadSet, query_fingerprint: str,
-               gallery_fingerprints: dict[str, str], settings: HeadSettings,
-               training: dict) -> dict:
+def save_heads(
+    path: Path,
+    heads: HeadSet,
+    query_fingerprint: str,
+    gallery_fingerprints: dict[str, str],
+    settings: HeadSettings,
+    training: dict,
+) -> dict:
     """Write a heads checkpoint folder; records the space and what the heads join."""
     config = {
         "kind": "heads",
-        "identity": {"mode": heads.mode, "dim": heads.dim, "query_dim": heads.query_dim,
-                     "gallery_dims": heads.gallery_dims, "num_classes": heads.num_classes,
-                     "hidden": heads.hidden, "layers": heads.layers},
+        "identity": {
+            "mode": heads.mode,
+            "dim": heads.dim,
+            "query_dim": heads.query_dim,
+            "gallery_dims": heads.gallery_dims,
+            "num_classes": heads.num_classes,
+            "hidden": heads.hidden,
+            "layers": heads.layers,
+        },
         "space_id": heads.space_id(query_fingerprint),
         "query_fingerprint": query_fingerprint,
-        "gallery_models": [{"name": n, "fingerprint": gallery_fingerprints[n],
-                            "head_fingerprint": heads.head_fingerprint(n)} for n in heads.names],
+        "gallery_models": [
+            {
+                "name": n,
+                "fingerprint": gallery_fingerprints[n],
+                "head_fingerprint": heads.head_fingerprint(n),
+            }
+            for n in heads.names
+        ],
         "settings": asdict(settings),
         "training": training,
     }
@@ -285,8 +354,9 @@ def load_heads(path: Path) -> tuple[HeadSet, dict]:
     return heads.eval(), config
 
 
-def check_compatible(heads_config: dict, query_config: dict,
-                     gallery_configs: dict[str, dict]) -> None:
+def check_compatible(
+    heads_config: dict, query_config: dict, gallery_configs: dict[str, dict]
+) -> None:
     """Raise a clear error when heads do not belong to these query and gallery models."""
     check_query_model(heads_config, query_config)
     check_gallery_models(heads_config, gallery_configs)
@@ -313,8 +383,9 @@ def check_gallery_models(heads_config: dict, gallery_configs: dict[str, dict]) -
     known = {g["name"]: g for g in heads_config["gallery_models"]}
     for name, cfg in gallery_configs.items():
         if name not in known:
-            raise CheckpointError(f"heads have no head for gallery model {name!r}; "
-                                  f"they have {sorted(known)}")
+            raise CheckpointError(
+                f"heads have no head for gallery model {name!r}; they have {sorted(known)}"
+            )
         if cfg["embedding_dim"] != ident["gallery_dims"][name]:
             raise CheckpointError(
                 f"head {name!r} takes {ident['gallery_dims'][name]}-dim input, gallery model "

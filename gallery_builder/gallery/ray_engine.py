@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .raw_store import part_path, write_part
-from .sources import GalleryItem, ItemSource
+from gallery_builder.data.sources import GalleryItem, ItemSource
+from gallery_builder.gallery.raw_store import part_path, write_part
 
 __all__ = ["encode_parts_ray"]
 
@@ -26,21 +26,21 @@ class _ModelActor:
     def __init__(self, model_dir: str, column: str, image_column: str) -> None:
         import torch
 
-        from .models import load_model
+        from gallery_builder.models import load_model
 
         torch.set_num_threads(1)
         self.model, _ = load_model(Path(model_dir))
         self.column, self.image_column = column, image_column
 
     def __call__(self, batch: dict) -> dict:
-        from .train import embed
+        from gallery_builder.training.fit import embed
 
         batch[self.column] = embed(self.model, batch[self.image_column]).numpy()
         return batch
 
 
 def _decode(batch: dict, source: ItemSource, specs: dict) -> dict:
-    from .gallery import decode_items
+    from gallery_builder.gallery.build import decode_items
 
     items = [source.items[i] for i in batch["row"]]
     images, reasons = decode_items(source, items, set(specs.values()))
@@ -51,7 +51,7 @@ def _decode(batch: dict, source: ItemSource, specs: dict) -> dict:
 
 
 def _write(group: dict, source: ItemSource, gallery: str, names: list[str]) -> dict:
-    from .gallery import assemble_part
+    from gallery_builder.gallery.build import assemble_part
 
     order = np.argsort(group["row"])
     items: list[GalleryItem] = [source.items[group["row"][i]] for i in order]
@@ -62,9 +62,15 @@ def _write(group: dict, source: ItemSource, gallery: str, names: list[str]) -> d
     return {"part": np.array([number]), "items": np.array([len(part)])}
 
 
-def encode_parts_ray(ensemble, source: ItemSource, gallery: Path,
-                     ranges: list[tuple[int, list[GalleryItem]]], batch_size: int,
-                     resume: bool, workers: int | None = None) -> None:
+def encode_parts_ray(
+    ensemble,
+    source: ItemSource,
+    gallery: Path,
+    ranges: list[tuple[int, list[GalleryItem]]],
+    batch_size: int,
+    resume: bool,
+    workers: int | None = None,
+) -> None:
     """Encode the ranges not yet done into raw parts with Ray Data."""
     import ray
 
@@ -72,27 +78,42 @@ def encode_parts_ray(ensemble, source: ItemSource, gallery: Path,
     if not todo:
         return
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-                 log_to_driver=False)
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False
+        )
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     row_of = {item.position: r for r, item in enumerate(source.items)}
     records = [{"row": row_of[item.position], "part": k} for k, items in todo for item in items]
     spec_keys = {f"image_{i}": spec for i, spec in enumerate(set(ensemble.specs.values()))}
     key_of = {spec: key for key, spec in spec_keys.items()}
     ds = ray.data.from_items(records).map_batches(
-        _decode, batch_size=batch_size, batch_format="numpy",
-        fn_kwargs={"source": source, "specs": spec_keys})
+        _decode,
+        batch_size=batch_size,
+        batch_format="numpy",
+        fn_kwargs={"source": source, "specs": spec_keys},
+    )
     for name, spec in ensemble.specs.items():
         model_dir = next(str(d) for d in ensemble.model_dirs if d.name == name)
         ds = ds.map_batches(
-            _ModelActor, batch_size=batch_size, batch_format="numpy", concurrency=workers,
-            num_cpus=1, fn_constructor_kwargs={"model_dir": model_dir,
-                                               "column": f"raw_{name}",
-                                               "image_column": key_of[spec]})
+            _ModelActor,
+            batch_size=batch_size,
+            batch_format="numpy",
+            concurrency=workers,
+            num_cpus=1,
+            fn_constructor_kwargs={
+                "model_dir": model_dir,
+                "column": f"raw_{name}",
+                "image_column": key_of[spec],
+            },
+        )
     ds = ds.groupby("part", num_partitions=len(todo)).map_groups(
-        _write, batch_format="numpy",
-        fn_kwargs={"source": source, "gallery": str(gallery), "names": ensemble.names})
+        _write,
+        batch_format="numpy",
+        fn_kwargs={"source": source, "gallery": str(gallery), "names": ensemble.names},
+    )
     written = ds.take_all()
     if sorted(int(r["part"]) for r in written) != sorted(k for k, _ in todo):
-        raise RuntimeError(f"ray wrote parts {sorted(int(r['part']) for r in written)}, "
-                           f"expected {sorted(k for k, _ in todo)}")
+        raise RuntimeError(
+            f"ray wrote parts {sorted(int(r['part']) for r in written)}, "
+            f"expected {sorted(k for k, _ in todo)}"
+        )

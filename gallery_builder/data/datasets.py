@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from query_sdk.errors import DataError
 from query_sdk.images import decode_image
 from query_sdk.spec import InputSpec, to_model_input
 
@@ -82,12 +83,8 @@ _SPLITS = {"train": ("train", 60000), "test": ("t10k", 10000)}
 _BUILTIN_SOURCES = ("fashion-mnist:train", "fashion-mnist:test", "digits")
 
 
-class DatasetMissing(RuntimeError):
+class DatasetMissing(DataError):
     """A built-in dataset is not on this machine; the message says how to get it."""
-
-
-class DataError(ValueError):
-    """Bad input: unreadable file, empty folder, unknown source name, ..."""
 
 
 @dataclass(eq=False)

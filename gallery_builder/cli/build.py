@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .cli import _friendly
+from query_sdk.errors import cli_errors
 
 PathType = click.Path(path_type=Path)
 
@@ -21,18 +21,25 @@ def _report(summary, as_json: bool) -> None:
         f"({summary.bytes_per_item:,.0f} bytes/item), {summary.skipped} skipped, "
         f"{summary.rejected} rejected; ef_search {summary.ef_search} "
         f"(recall@10 {summary.recall_at_10:.4f} vs exact); "
-        f"{summary.images_per_second:,.0f} images/s over {summary.seconds:.1f} s")
+        f"{summary.images_per_second:,.0f} images/s over {summary.seconds:.1f} s"
+    )
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 sign_option = click.option(
-    "--sign-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    "--sign-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Sign the manifest with this Ed25519 secret key (from `keygen`); searchers given the "
-         "public key refuse the gallery if anything changes.")
+    "public key refuse the gallery if anything changes.",
+)
 engine_option = click.option(
-    "--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
     help="local: this process. ray: Ray Data actor pools (a local Ray, or the cluster in "
-         "RAY_ADDRESS).")
+    "RAY_ADDRESS).",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,41 +66,80 @@ def _sign(gallery: Path, key: Path | None) -> None:
     if key is not None:
         sign_manifest(gallery, key.read_text())
     elif (Path(gallery) / SIGNATURE_FILE).exists():
-        click.echo(f"warning: {gallery}/{SIGNATURE_FILE} no longer matches the manifest; sign "
-                   "again with `cmce-build-gallery sign --gallery ... --key ...`", err=True)
+        click.echo(
+            f"warning: {gallery}/{SIGNATURE_FILE} no longer matches the manifest; sign "
+            "again with `cmce-build-gallery sign --gallery ... --key ...`",
+            err=True,
+        )
 
 
 @main.command()
-@click.option("--models", "model_dirs", multiple=True, required=True, type=PathType,
-              help="Gallery model checkpoint folder (repeat for each of the N models).")
+@click.option(
+    "--models",
+    "model_dirs",
+    multiple=True,
+    required=True,
+    type=PathType,
+    help="Gallery model checkpoint folder (repeat for each of the N models).",
+)
 @click.option("--heads", "heads_dir", required=True, type=PathType, help="Heads folder.")
-@click.option("--images", "source", required=True,
-              help="Image folder, list file (path[,id[,payload-json]] per line), or a built-in "
-                   "split such as fashion-mnist:train.")
+@click.option(
+    "--images",
+    "source",
+    required=True,
+    help="Image folder, list file (path[,id[,payload-json]] per line), or a built-in "
+    "split such as fashion-mnist:train.",
+)
 @click.option("--out", required=True, type=PathType, help="Gallery folder to create.")
-@click.option("--shard-size", default=10000, show_default=True,
-              help="Items per shard. Fewer, larger shards search faster (a query visits every "
-                   "shard; cost grows slowly with a shard's size); smaller ones let a phone load "
-                   "a subset, and are the unit of parallel indexing and of --resume.")
+@click.option(
+    "--shard-size",
+    default=10000,
+    show_default=True,
+    help="Items per shard. Fewer, larger shards search faster (a query visits every "
+    "shard; cost grows slowly with a shard's size); smaller ones let a phone load "
+    "a subset, and are the unit of parallel indexing and of --resume.",
+)
 @click.option("--M", "m", default=16, show_default=True, help="HNSW links per node.")
 @click.option("--ef-construction", default=200, show_default=True, help="HNSW build beam.")
 @click.option("--batch-size", default=256, show_default=True, help="Images per model call.")
-@click.option("--reject-quantile", default=0.0, show_default=True,
-              help="Leave out this fraction of the most uncertain items (listed in the "
-                   "manifest). 0 keeps all and stores every score.")
+@click.option(
+    "--reject-quantile",
+    default=0.0,
+    show_default=True,
+    help="Leave out this fraction of the most uncertain items (listed in the "
+    "manifest). 0 keeps all and stores every score.",
+)
 @engine_option
 @click.option("--resume", is_flag=True, help="Finish an interrupted build in --out.")
 @sign_option
 @json_option
-@_friendly
-def build(model_dirs, heads_dir, source, out, shard_size, m, ef_construction, batch_size,
-          reject_quantile, engine, resume, sign_key, as_json) -> None:
+@cli_errors
+def build(
+    model_dirs,
+    heads_dir,
+    source,
+    out,
+    shard_size,
+    m,
+    ef_construction,
+    batch_size,
+    reject_quantile,
+    engine,
+    resume,
+    sign_key,
+    as_json,
+) -> None:
     """Build a gallery from scratch."""
-    from .gallery import BuildSettings
-    from .gallery import build as run
+    from gallery_builder.gallery.build import BuildSettings
+    from gallery_builder.gallery.build import build as run
 
-    settings = BuildSettings(shard_size=shard_size, M=m, ef_construction=ef_construction,
-                             batch_size=batch_size, reject_quantile=reject_quantile)
+    settings = BuildSettings(
+        shard_size=shard_size,
+        M=m,
+        ef_construction=ef_construction,
+        batch_size=batch_size,
+        reject_quantile=reject_quantile,
+    )
     summary = run(list(model_dirs), heads_dir, source, out, settings, engine, resume)
     _sign(out, sign_key)
     _report(summary, as_json)
@@ -105,10 +151,10 @@ def build(model_dirs, heads_dir, source, out, shard_size, m, ef_construction, ba
 @engine_option
 @sign_option
 @json_option
-@_friendly
+@cli_errors
 def add(gallery, source, engine, sign_key, as_json) -> None:
     """Add images as new shards, with the models and heads the gallery was built with."""
-    from .gallery import add as run
+    from gallery_builder.gallery.build import add as run
 
     summary = run(gallery, source, engine)
     _sign(gallery, sign_key)
@@ -118,14 +164,15 @@ def add(gallery, source, engine, sign_key, as_json) -> None:
 @main.command()
 @click.option("--gallery", required=True, type=PathType)
 @click.option("--ids", "ids", multiple=True, help="Id to remove (repeat).")
-@click.option("--ids-file", type=click.Path(exists=True, path_type=Path),
-              help="File with one id per line.")
+@click.option(
+    "--ids-file", type=click.Path(exists=True, path_type=Path), help="File with one id per line."
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @sign_option
-@_friendly
+@cli_errors
 def remove(gallery, ids, ids_file, yes, sign_key) -> None:
     """Remove items (hnswlib mark_deleted); manifest and checksums are updated."""
-    from .gallery import remove as run
+    from gallery_builder.gallery.build import remove as run
 
     wanted = list(ids) + (ids_file.read_text().split() if ids_file else [])
     if not wanted:
@@ -139,15 +186,20 @@ def remove(gallery, ids, ids_file, yes, sign_key) -> None:
 
 @main.command()
 @click.option("--gallery", required=True, type=PathType)
-@click.option("--heads", "heads_dir", required=True, type=PathType,
-              help="New heads for the same gallery models (e.g. after a query-model update).")
+@click.option(
+    "--heads",
+    "heads_dir",
+    required=True,
+    type=PathType,
+    help="New heads for the same gallery models (e.g. after a query-model update).",
+)
 @sign_option
 @json_option
-@_friendly
+@cli_errors
 def reproject(gallery, heads_dir, sign_key, as_json) -> None:
     """Rebuild every shard with new heads from the stored raw embeddings: no gallery model
     runs. Use it after `cmce train update` in to-query mode (new query space)."""
-    from .gallery import reproject as run
+    from gallery_builder.gallery.build import reproject as run
 
     summary = run(gallery, heads_dir)
     _sign(gallery, sign_key)
@@ -156,9 +208,12 @@ def reproject(gallery, heads_dir, sign_key, as_json) -> None:
 
 @main.command()
 @click.option("--gallery", required=True, type=PathType)
-@click.option("--public-key", help="Also check the manifest's signature against this Ed25519 "
-                                   "public key (hex, or a .pub file).")
-@_friendly
+@click.option(
+    "--public-key",
+    help="Also check the manifest's signature against this Ed25519 "
+    "public key (hex, or a .pub file).",
+)
+@cli_errors
 def verify(gallery, public_key) -> None:
     """Check every file against the manifest's sizes and sha256, and the index headers."""
     from query_sdk.gallery_format import read_manifest_bytes, verify_gallery
@@ -167,28 +222,38 @@ def verify(gallery, public_key) -> None:
     if public_key:
         verify_manifest(gallery, read_manifest_bytes(gallery), public_key)
     manifest = verify_gallery(gallery)
-    click.echo(f"ok: {manifest.count:,} items in {len(manifest.shards)} shards, space "
-               f"{manifest.space_id}")
+    click.echo(
+        f"ok: {manifest.count:,} items in {len(manifest.shards)} shards, space {manifest.space_id}"
+    )
 
 
 @main.command()
-@click.option("--out", required=True, type=PathType,
-              help="Writes OUT.key (secret, keep it on the server) and OUT.pub (ship it).")
-@_friendly
+@click.option(
+    "--out",
+    required=True,
+    type=PathType,
+    help="Writes OUT.key (secret, keep it on the server) and OUT.pub (ship it).",
+)
+@cli_errors
 def keygen(out) -> None:
     """Make an Ed25519 key pair for signing gallery manifests."""
     from query_sdk.signing import generate_keys
 
     secret, public = generate_keys(out)
-    click.echo(f"secret key: {secret} (keep private)\npublic key: {public} "
-               f"({public.read_text().strip()})")
+    click.echo(
+        f"secret key: {secret} (keep private)\npublic key: {public} ({public.read_text().strip()})"
+    )
 
 
 @main.command()
 @click.option("--gallery", required=True, type=PathType)
-@click.option("--key", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Ed25519 secret key file (from `keygen`).")
-@_friendly
+@click.option(
+    "--key",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Ed25519 secret key file (from `keygen`).",
+)
+@cli_errors
 def sign(gallery, key) -> None:
     """Sign a gallery's manifest (writes manifest.sig next to it)."""
     from query_sdk.gallery_format import verify_gallery

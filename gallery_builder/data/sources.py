@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gallery_builder.data.datasets import DataError, decode_image, list_image_folder, load_source
 from query_sdk.spec import InputSpec, to_model_input
-
-from .data import DataError, decode_image, list_image_folder, load_source
 
 __all__ = ["GalleryItem", "ItemSource", "open_source"]
 
@@ -24,7 +23,7 @@ BUILTINS = ("fashion-mnist:train", "fashion-mnist:test", "digits")
 
 @dataclass(frozen=True)
 class GalleryItem:
-    position: int           # order in the source; doubles as the hnswlib label
+    position: int  # order in the source; doubles as the hnswlib label
     id: str
     payload: dict | None = None
     path: str | None = None  # the file to decode; None for built-in arrays
@@ -33,8 +32,9 @@ class GalleryItem:
 class ItemSource:
     """The items of a source and how to turn them into model inputs."""
 
-    def __init__(self, name: str, items: list[GalleryItem], arrays: np.ndarray | None = None,
-                 start: int = 0):
+    def __init__(
+        self, name: str, items: list[GalleryItem], arrays: np.ndarray | None = None, start: int = 0
+    ):
         self.name, self.items, self._arrays, self._start = name, items, arrays, start
         if not items:
             raise DataError(f"{name}: no images to index")
@@ -45,14 +45,17 @@ class ItemSource:
                 duplicates.append(item.id)
             seen[item.id] = item.position
         if duplicates:
-            raise DataError(f"{name}: {len(duplicates)} duplicate ids, first: "
-                            f"{', '.join(repr(d) for d in duplicates[:5])}")
+            raise DataError(
+                f"{name}: {len(duplicates)} duplicate ids, first: "
+                f"{', '.join(repr(d) for d in duplicates[:5])}"
+            )
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def decode(self, items: list[GalleryItem],
-               spec: InputSpec) -> tuple[np.ndarray, list[tuple[GalleryItem, str]]]:
+    def decode(
+        self, items: list[GalleryItem], spec: InputSpec
+    ) -> tuple[np.ndarray, list[tuple[GalleryItem, str]]]:
         """Images of ``items`` as the spec wants them; unusable ones are returned as skipped.
 
         Returns (images of the usable items, in order; skipped (item, reason) pairs).
@@ -79,13 +82,19 @@ def open_source(source: str, start: int = 0) -> ItemSource:
         return ItemSource(source, items, data.images, start)
     if path.is_dir():
         files, _ = list_image_folder(path)
-        return ItemSource(source, [
-            GalleryItem(start + i, f.relative_to(path).as_posix(), None, str(f))
-            for i, (f, _) in enumerate(files)])
+        return ItemSource(
+            source,
+            [
+                GalleryItem(start + i, f.relative_to(path).as_posix(), None, str(f))
+                for i, (f, _) in enumerate(files)
+            ],
+        )
     if path.is_file():
         return ItemSource(source, _read_list(path, start))
-    raise DataError(f"unknown gallery source {source!r}: an image folder, a list file "
-                    f"(path[,id[,payload-json]] per line) or one of {', '.join(BUILTINS)}")
+    raise DataError(
+        f"unknown gallery source {source!r}: an image folder, a list file "
+        f"(path[,id[,payload-json]] per line) or one of {', '.join(BUILTINS)}"
+    )
 
 
 def _read_list(path: Path, start: int) -> list[GalleryItem]:

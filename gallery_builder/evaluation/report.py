@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import write_json
+from gallery_builder.models.checkpoint import write_json
 
 __all__ = ["write_report", "markdown"]
 
@@ -15,17 +15,25 @@ def write_report(report: dict, out: Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "report.json", report)
-    files = [out / "report.json", _plot_settings(report, out / "settings.png"),
-             _plot_rejection(report, out / "rejection.png")]
+    files = [
+        out / "report.json",
+        _plot_settings(report, out / "settings.png"),
+        _plot_rejection(report, out / "rejection.png"),
+    ]
     (out / "report.md").write_text(markdown(report))
     return [out / "report.md", *files]
 
 
 def _order(settings: dict) -> list[str]:
     prefix = ["sym:", "kd:", "to-query:", "unified:"]
-    return sorted(settings, key=lambda n: (next((i for i, p in enumerate(prefix)
-                                                 if n.startswith(p)), 9), n.endswith("ensemble"),
-                                           n))
+    return sorted(
+        settings,
+        key=lambda n: (
+            next((i for i, p in enumerate(prefix) if n.startswith(p)), 9),
+            n.endswith("ensemble"),
+            n,
+        ),
+    )
 
 
 def settings_table(report: dict) -> str:
@@ -36,8 +44,10 @@ def settings_table(report: dict) -> str:
         std = f" ± {100 * s['recall_at_1_std']:.2f}" if s["recall_at_1_std"] else ""
         map_std = f" ± {100 * s['map_at_r_std']:.2f}" if s.get("map_at_r_std") else ""
         bold = "**" if name == f"{report['default_mode']}:ensemble" else ""
-        rows.append(f"| {bold}{name}{bold} | {100 * s['recall_at_1']:.2f}{std} | "
-                    f"{100 * s['recall_at_5']:.2f} | {100 * s['map_at_r']:.2f}{map_std} |")
+        rows.append(
+            f"| {bold}{name}{bold} | {100 * s['recall_at_1']:.2f}{std} | "
+            f"{100 * s['recall_at_5']:.2f} | {100 * s['map_at_r']:.2f}{map_std} |"
+        )
     return "\n".join(rows)
 
 
@@ -48,10 +58,14 @@ def markdown(report: dict) -> str:
     err_full, err90 = 1 - qt["score_best"][0], 1 - qt["score_best"][at90]
     models = "\n".join(
         f"| {n} | {m['role']} | {m['architecture']} | {m['embedding_dim']} | {m['params']:,} | "
-        f"{m['mflops']:.2f} |" for n, m in report["models"].items())
+        f"{m['mflops']:.2f} |"
+        for n, m in report["models"].items()
+    )
     upd_rows = "\n".join(
         f"| {mode} | {100 * u['old_query_recall_at_1']:.2f} | "
-        f"{100 * u['new_query_recall_at_1']:.2f} |" for mode, u in upd["modes"].items())
+        f"{100 * u['new_query_recall_at_1']:.2f} |"
+        for mode, u in upd["modes"].items()
+    )
     views = {
         "gallery_drop": "queries' Recall@1 as uncertain gallery images are dropped",
         "gallery_quality": "leave-one-out gallery neighbour agrees",
@@ -59,16 +73,22 @@ def markdown(report: dict) -> str:
     }
     rej_rows = "\n".join(
         f"| {v} ({what}) | {rej[v]['aurc']:.4f} | {rej[v]['aurc_random']:.4f} | "
-        + (f"similarity {qt['aurc_similarity']:.4f}, combined {qt['aurc_combined']:.4f}"
-           if v == "query_time" else "") + " |" for v, what in views.items())
+        + (
+            f"similarity {qt['aurc_similarity']:.4f}, combined {qt['aurc_combined']:.4f}"
+            if v == "query_time"
+            else ""
+        )
+        + " |"
+        for v, what in views.items()
+    )
     fewer = 100 * (1 - err90 / err_full) if err_full else 0.0
     stages = report.get("stage_seconds", {})
     time_rows = "\n".join(f"| {name} | {sec:.0f} |" for name, sec in stages.items())
-    return f"""# cmce report: {report['dataset']}
+    return f"""# cmce report: {report["dataset"]}
 
-Protocol: {report['protocol']}. Exact search, cosine similarity. Settings with heads are the
-mean ± std over {len(report['head_seeds'])} head-training seeds; other settings are one model.
-Default mode (the better ensemble): **{report['default_mode']}**.
+Protocol: {report["protocol"]}. Exact search, cosine similarity. Settings with heads are the
+mean ± std over {len(report["head_seeds"])} head-training seeds; other settings are one model.
+Default mode (the better ensemble): **{report["default_mode"]}**.
 
 ## Retrieval
 
@@ -85,7 +105,7 @@ index. `MODE:G`: gallery model G through its head. `MODE:ensemble`: the fused N 
 |---|---|---|---|---|---|
 {models}
 
-## Rejection by ensemble spread ({report['default_mode']} mode)
+## Rejection by ensemble spread ({report["default_mode"]} mode)
 
 Uncertainty of a gallery image = mean pairwise cosine distance of its N transformed embeddings.
 AURC = mean error over the coverage range (lower is better).
@@ -94,7 +114,7 @@ AURC = mean error over the coverage range (lower is better).
 |---|---|---|---|
 {rej_rows}
 
-Best query-time rule: **{qt['best_rule']}**: error {100 * err_full:.2f}% at full coverage,
+Best query-time rule: **{qt["best_rule"]}**: error {100 * err_full:.2f}% at full coverage,
 {100 * err90:.2f}% at 90% coverage ({fewer:.1f}% fewer errors).
 
 ![rejection](rejection.png)
@@ -137,8 +157,14 @@ def _plot_settings(report: dict, path: Path) -> Path:
     for ax, key, title in ((axes[0], "recall_at_1", "Recall@1"), (axes[1], "map_at_r", "MAP@R")):
         values = [100 * s[n][key] for n in names]
         errors = [100 * s[n].get(f"{key}_std", 0.0) for n in names]
-        colors = ["#c44e52" if n.endswith("ensemble") else
-                  "#4c72b0" if n.startswith(("unified", "to-query")) else "#8c8c8c" for n in names]
+        colors = [
+            "#c44e52"
+            if n.endswith("ensemble")
+            else "#4c72b0"
+            if n.startswith(("unified", "to-query"))
+            else "#8c8c8c"
+            for n in names
+        ]
         ax.barh(names, values, xerr=errors, color=colors)
         ax.set_xlim(min(values) * 0.9, max(values) * 1.02)
         ax.set_xlabel(f"{title} (%)")
@@ -155,16 +181,29 @@ def _plot_rejection(report: dict, path: Path) -> Path:
     plt = _pyplot()
     rej = report["rejection"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = [("gallery_drop", "queries' Recall@1", {"score": "spread", "score_random": "random"}),
-              ("gallery_quality", "neighbour agreement", {"score": "spread",
-                                                          "score_random": "random"}),
-              ("query_time", "accuracy of kept queries",
-               {"score": "spread", "score_similarity": "similarity",
-                "score_combined": "combined", "score_random": "random"})]
+    panels = [
+        ("gallery_drop", "queries' Recall@1", {"score": "spread", "score_random": "random"}),
+        ("gallery_quality", "neighbour agreement", {"score": "spread", "score_random": "random"}),
+        (
+            "query_time",
+            "accuracy of kept queries",
+            {
+                "score": "spread",
+                "score_similarity": "similarity",
+                "score_combined": "combined",
+                "score_random": "random",
+            },
+        ),
+    ]
     for ax, (view, ylabel, curves) in zip(axes, panels, strict=True):
         for key, label in curves.items():
-            ax.plot(rej[view]["coverage"], [100 * v for v in rej[view][key]], marker=".",
-                    label=label, linestyle="--" if label == "random" else "-")
+            ax.plot(
+                rej[view]["coverage"],
+                [100 * v for v in rej[view][key]],
+                marker=".",
+                label=label,
+                linestyle="--" if label == "random" else "-",
+            )
         ax.set_title(view)
         ax.set_xlabel("coverage (kept fraction)")
         ax.set_ylabel(f"{ylabel} (%)")

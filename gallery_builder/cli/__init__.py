@@ -1,0 +1,1 @@
+"""The server CLIs: ``cmce`` (``main``) and ``cmce-build-gallery`` (``build``)."""

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics, rejection views, the experiment (splits, presets), report."""

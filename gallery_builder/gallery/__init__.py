@@ -1,0 +1,1 @@
+"""Galleries: build, add, remove and reproject; encoding, indexing, the raw store, engines."""

@@ -1,0 +1,1 @@
+"""Training: the fit loop (metric learning, distillation), transformation heads, fusion."""
