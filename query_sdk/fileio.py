@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -161,26 +162,21 @@ def read_regular_file(
     return data
 
 
-def _depth(text: str) -> int:
-    """Deepest nesting of JSON arrays/objects in ``text`` (brackets inside strings skipped)."""
-    depth = top = 0
-    in_string = escaped = False
-    for c in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
-            elif c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
-        elif c in "[{":
-            depth += 1
-            top = max(top, depth)
-        elif c in "]}":
-            depth -= 1
-    return top
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_INNERMOST = re.compile(r"\[\]|\{\}")
+
+
+def _deeper_than(text: str, limit: int) -> bool:
+    """Whether JSON ``text`` nests arrays/objects deeper than ``limit`` (strings skipped):
+    each pass of C-speed regexes peels the innermost level, at most ``limit + 1`` passes."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    for _ in range(limit):
+        peeled = _INNERMOST.sub("", brackets)
+        if peeled == brackets:  # empty, or unbalanced: the JSON parser says what is wrong
+            return False
+        brackets = peeled
+    return bool(brackets)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -200,11 +196,12 @@ def parse_json(
         text = data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError as exc:
         raise error(f"{where}: not valid JSON (not UTF-8 text: {exc})") from None
-    # the bracket count is cheap to skip when the whole text cannot be that deep
-    if text.count("[") + text.count("{") > max_depth and _depth(text) > max_depth:
+    if _deeper_than(text, max_depth):
         raise error(f"{where}: JSON nested deeper than {max_depth} levels")
     try:
         return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:  # unbalanced and deep: the peeling above cannot see it
+        raise error(f"{where}: JSON nested deeper than {max_depth} levels") from None
     except ValueError as exc:
         raise error(f"{where}: not valid JSON: {exc}") from None
 
