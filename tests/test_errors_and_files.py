@@ -144,7 +144,8 @@ def test_a_fifo_is_refused_without_hanging(tmp_path):
     fifo = tmp_path / "manifest.json"
     os.mkfifo(fifo)
     code = (
-        "import sys\nfrom query_sdk.fileio import read_json\nfrom query_sdk.errors import CmceError\n"
+        "import sys\nfrom query_sdk.fileio import read_json\n"
+        "from query_sdk.errors import CmceError\n"
         "try:\n    read_json(sys.argv[1])\nexcept CmceError as e:\n    print(e)\n"
     )
     r = subprocess.run(
