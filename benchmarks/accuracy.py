@@ -6,19 +6,17 @@
 ``query_sdk.Searcher`` for every artifact of the bundle this machine can run, and through the
 torch checkpoint (the fp32 reference the artifacts were exported from) into the same
 gallery search, so the difference is what export and quantization cost. A hit is correct when
-its gallery item has the query's class (the class comes from the item id's position in
-``--gallery-images``).
+its gallery item's class (stored in the shard sidecar by the gallery builder) is the query's.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import click
-import numpy as np
 
+from export.validate import top1_recall
 from gallery_builder.data.datasets import load_source
 from gallery_builder.evaluation.report import settings_table
 
@@ -31,21 +29,6 @@ from ._common import (
     write_outputs,
 )
 from .search import real_queries
-
-
-def hit_labels(hits: list, labels: np.ndarray) -> np.ndarray:
-    """Class of the top hit of each query (ids end in ``/<position>``); -1 for no hit."""
-    out = np.full(len(hits), -1, np.int64)
-    for i, row in enumerate(hits):
-        if row:
-            match = re.search(r"/(\d+)$", row[0].id)
-            if match is None:
-                raise click.ClickException(
-                    f"gallery id {row[0].id!r} does not end in "
-                    "/<position>; cannot look up its class"
-                )
-            out[i] = labels[int(match.group(1))]
-    return out
 
 
 def markdown(result: dict, table: str | None) -> str:
@@ -112,12 +95,6 @@ def plot(result: dict):
     "--gallery", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True
 )
 @click.option(
-    "--gallery-images",
-    default="fashion-mnist:train",
-    show_default=True,
-    help="The source the gallery was built from (for the classes of its items).",
-)
-@click.option(
     "--query-model",
     type=click.Path(exists=True, path_type=Path),
     required=True,
@@ -144,7 +121,6 @@ def main(
     report_path,
     bundle,
     gallery,
-    gallery_images,
     query_model,
     query_heads,
     source,
@@ -161,19 +137,18 @@ def main(
     out, results_md = resolve_outputs(smoke, out, results_md)
     n_queries = 200 if smoke else n_queries
     machine = machine_info()
-    gallery_labels = load_source(gallery_images).labels
+    data = load_source(source)
+    classes = [data.classes[int(i)] for i in data.labels[:n_queries]]
     rows, searcher = [], None
     for row, opened in open_searchers(bundle, gallery, threads=2):
         if opened is not None:
             searcher = opened
-            data = load_source(source, searcher.spec)
-            queries, labels = data.images[:n_queries], data.labels[:n_queries]
-            found = hit_labels(searcher.search_batch(list(queries), k=1), gallery_labels)
-            row["recall_at_1"] = float(np.mean(found == labels))
+            queries = load_source(source, searcher.spec).images[:n_queries]
+            hits = searcher.search_batch(list(queries), k=1)
+            row["recall_at_1"] = top1_recall(hits, classes, gallery)
         rows.append(row)
     reference = real_queries(query_model, query_heads, source, n_queries, searcher.bundle.space_id)
-    found = hit_labels(searcher.gallery.search(reference, k=1), gallery_labels)
-    labels = load_source(source).labels[:n_queries]
+    reference_hits = searcher.gallery.search(reference, k=1)
     report = json.loads(report_path.read_text()) if report_path else None
     result = {
         "benchmark": "accuracy",
@@ -182,8 +157,8 @@ def main(
         "gallery": str(gallery),
         "gallery_items": searcher.gallery.count,
         "query_source": source,
-        "queries": len(labels),
-        "torch_fp32_recall_at_1": float(np.mean(found == labels)),
+        "queries": len(classes),
+        "torch_fp32_recall_at_1": top1_recall(reference_hits, classes, gallery),
         "variants": rows,
         "report": str(report_path) if report_path else None,
         "protocol": report["protocol"] if report else None,

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -32,12 +29,15 @@ from query_sdk.bundle_format import (
     path_digest,
     write_bundle_manifest,
 )
+from query_sdk.errors import BackendError
+from query_sdk.fileio import folder_transaction
+from query_sdk.runtimes import open_runtime
 from query_sdk.spec import to_model_input
 
 from .calibration import calibration_and_validation
 from .coreml import DEFAULT_DEPLOYMENT_TARGET
 from .coreml import QUANTIZATIONS as COREML_QUANTIZATIONS
-from .errors import ExportError
+from .errors import ExportError, one_line
 from .graph import (
     ModelIO,
     fold_batch_norms,
@@ -75,6 +75,7 @@ class ExportPlan:
     force: bool = False
     coreml_target: str = DEFAULT_DEPLOYMENT_TARGET  # minimum OS of the Core ML artifacts
     ort_format: bool = False  # also an ORT-format copy of each ONNX artifact
+    trust: tuple[str, ...] = ()  # model code that may run (see gallery_builder load_model)
 
 
 @dataclass
@@ -87,10 +88,9 @@ class ExportResult:
 @dataclass
 class _Target:
     export: Callable  # (module, io, quantization, calibration, path) -> notes
-    run: Callable | None  # (path, inputs) -> outputs; None when it cannot run here
-    runtime: str
+    backend: str | None  # the query_sdk runtime that runs it here; None: checked structurally
     input_dtype: str = "uint8"
-    max_batch: Callable | None = None  # path -> int
+    max_batch: int | None = None  # None: what the runtime reports (ExecuTorch: planned bound)
     deployment_target: str | None = None  # Core ML: the minimum OS
 
 
@@ -98,25 +98,18 @@ def _targets(coreml_target: str) -> dict[str, _Target]:
     from . import coreml, executorch, onnx
 
     return {
-        "onnx": _Target(onnx.export_onnx, onnx.run_onnx, "onnxruntime"),
+        "onnx": _Target(onnx.export_onnx, "onnxruntime"),
         # converts the .onnx file of the same name, exported just before (see _jobs)
         "ort": _Target(
             lambda module, io, quant, cal, path: onnx.export_ort(path.with_suffix(".onnx"), path),
-            onnx.run_onnx,
-            "onnxruntime",
+            "onnxruntime-ort",
         ),
-        "executorch": _Target(
-            executorch.export_executorch,
-            executorch.run_executorch,
-            "executorch",
-            max_batch=executorch.max_batch,
-        ),
+        "executorch": _Target(executorch.export_executorch, "executorch"),
         "coreml": _Target(
             functools.partial(coreml.export_coreml, deployment_target=coreml_target),
-            coreml.run_coreml if coreml.can_predict() else None,
-            "coreml" if coreml.can_predict() else "spec-only",
+            "coreml" if coreml.can_predict() else None,
             input_dtype=coreml.INPUT_DTYPE,
-            max_batch=lambda _: coreml.MAX_BATCH,
+            max_batch=coreml.MAX_BATCH,
             deployment_target=coreml_target,
         ),
     }
@@ -124,26 +117,16 @@ def _targets(coreml_target: str) -> dict[str, _Target]:
 
 @contextlib.contextmanager
 def staged_folder(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary folder next to ``out`` that becomes ``out`` when the block succeeds."""
+    """A staging folder beside ``out`` that becomes ``out`` when the block succeeds: one
+    :func:`query_sdk.fileio.folder_transaction` (locked, umask modes, swapped in whole, leftovers
+    of a killed export recovered)."""
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            if not force:
-                raise ExportError(f"{out} appeared while exporting; pass --force to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "bundle")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with folder_transaction(out, start="empty") as folder:
+        yield folder
+        if out.exists() and not force:
+            raise ExportError(f"{out} appeared while exporting; pass --force to replace it")
 
 
 def _jobs(plan: ExportPlan) -> list[tuple[str, str]]:
@@ -187,8 +170,8 @@ def export_bundle(plan: ExportPlan, progress: bool = True) -> ExportResult:
     needs_calibration = any(q == "int8" for _, q in plan_jobs)
     if needs_calibration and plan.calibration is None:
         raise ExportError("int8 needs --calibration images (e.g. the training split)")
-    source = load_export_source(plan.model_dir, plan.heads_dir)
-    gallery_models = [load_gallery_model(d, source) for d in plan.gallery_models]
+    source = load_export_source(plan.model_dir, plan.heads_dir, plan.trust)
+    gallery_models = [load_gallery_model(d, source, plan.trust) for d in plan.gallery_models]
     spec = source.input_spec
     cal, val = calibration_and_validation(
         plan.calibration if needs_calibration else None,
@@ -239,17 +222,17 @@ def export_bundle(plan: ExportPlan, progress: bool = True) -> ExportResult:
             name = artifact_file_name(target, quant, subject.role)
             path = folder / name
             notes[name] = list(spec_t.export(subject.module, io, quant, subject.calibration, path))
-            validation = _validate(
-                spec_t,
-                path,
-                subject,
-                io,
-                gallery if subject.gallery else None,
-                classes,
-                recall_torch,
-            )
+            artifact = _artifact(folder, name, target, quant, subject.role, io, spec_t)
             artifacts.append(
-                _artifact(folder, name, target, quant, subject.role, io, validation, spec_t)
+                _validate(
+                    spec_t.backend,
+                    folder,
+                    artifact,
+                    subject,
+                    gallery if subject.gallery else None,
+                    classes,
+                    recall_torch,
+                )
             )
         ort_files = [a.file for a in artifacts if a.target == "ort"]
         if ort_files:
@@ -295,35 +278,39 @@ def _embed(model: nn.Module, images: np.ndarray) -> np.ndarray:
 
 
 def _validate(
-    spec_t: _Target,
-    path: Path,
+    backend: str | None,
+    folder: Path,
+    artifact: Artifact,
     subject: _Subject,
-    io: ModelIO,
     gallery: GalleryCheck | None,
     classes: list[str] | None,
     recall_torch: float | None,
-) -> Validation:
-    if spec_t.run is None:
-        return Validation(runtime=spec_t.runtime, images=0, cosine_min=None, cosine_mean=None)
-    output = spec_t.run(path, subject.validation.astype(io.input_dtype))
+) -> Artifact:
+    """``artifact`` with its validation figures: its outputs on the validation inputs through
+    the SDK's runtime (the code an app runs) against torch's, and the Recall@1 change through
+    the SDK's gallery search; with ``backend`` None (Core ML off macOS) structural only."""
+    if backend is None:  # its export checked the package (coreml.check_package)
+        return artifact
+    try:
+        runtime = open_runtime(backend, folder / artifact.file, artifact)
+        output = runtime.run(subject.validation)
+    except BackendError as exc:
+        raise ExportError(
+            f"{artifact.file}: the SDK's {backend} runtime refused it: {one_line(exc)}"
+        ) from exc
     cmin, cmean = cosine_stats(subject.reference, output)
     delta = space = None
     if gallery is not None:
-        delta = gallery.recall_at_1(output.astype(np.float32), classes) - recall_torch
+        delta = gallery.recall_at_1(output, classes) - recall_torch
         space = gallery.space_id
-    return Validation(spec_t.runtime, len(subject.validation), cmin, cmean, delta, space)
+    validation = Validation(backend, len(subject.validation), cmin, cmean, delta, space)
+    return replace(artifact, validation=validation, max_batch=runtime.max_batch)
 
 
 def _artifact(
-    folder: Path,
-    name: str,
-    target: str,
-    quant: str,
-    role: str,
-    io: ModelIO,
-    validation: Validation,
-    spec_t: _Target,
+    folder: Path, name: str, target: str, quant: str, role: str, io: ModelIO, spec_t: _Target
 ) -> Artifact:
+    """The manifest entry of a written artifact, not yet validated."""
     size, digest = path_digest(folder / name)
     return Artifact(
         target=target,
@@ -337,7 +324,7 @@ def _artifact(
         input_dtype=io.input_dtype,
         output_name=io.output_name,
         output_shape=list(io.output_shape),
-        validation=validation,
-        max_batch=None if spec_t.max_batch is None else spec_t.max_batch(folder / name),
+        validation=Validation(spec_t.backend or "spec-only", 0, None, None),  # see _validate
+        max_batch=spec_t.max_batch,
         deployment_target=spec_t.deployment_target,
     )

@@ -3,9 +3,10 @@
 A source is a built-in name (``fashion-mnist:train``, ``fashion-mnist:test``, ``digits``), an
 image folder (one sub-folder per class; files are decoded to the spec's size and channels, as the
 gallery builder does) or a ``.npy`` file holding uint8 images (N, H, W, C) exactly as the app
-passes them. Built-in and ``.npy`` images must already have the spec's shape: a mismatch is an
-error naming the expected shape, never a silent resize. When calibration and validation use the
-same source they get disjoint images, so validation is always on held-out images.
+passes them (memory-mapped, so only the images picked are read). Built-in and ``.npy`` images
+must already have the spec's shape: a mismatch is an error naming the expected shape, never a
+silent resize. When calibration and validation use the same source they get disjoint images, so
+validation is always on held-out images.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from gallery_builder.data.datasets import DataError, ImageSet, load_source
 from query_sdk.spec import InputSpec
 
-from .errors import ExportError
+from .errors import ExportError, one_line
 
 __all__ = ["MIN_VALIDATION_IMAGES", "load_images", "calibration_and_validation"]
 
@@ -33,11 +34,13 @@ def load_images(source: str, spec: InputSpec, what: str) -> ImageSet:
     path = Path(source).expanduser()
     if source.endswith(".npy"):
         if not path.is_file():
-            raise ExportError(f"{what} source {source}: no such file")
-        try:
-            images = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise ExportError(f"{what} source {source}: not a plain .npy array: {exc}") from exc
+            raise ExportError(f"{what} source {source}: no such file (or not a regular file)")
+        try:  # memory-mapped: a header claiming more than the file holds is refused, not allocated
+            images = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, EOFError) as exc:
+            raise ExportError(
+                f"{what} source {source}: not a plain .npy array: {one_line(exc)}"
+            ) from exc
         labels = np.full(len(images) if images.ndim else 0, -1, np.int64)
         data = None
     else:
@@ -74,6 +77,8 @@ def calibration_and_validation(
     ExportError when a source has fewer images than asked for, or ``n_validation`` is below
     MIN_VALIDATION_IMAGES.
     """
+    if calibration is not None and n_calibration < 1:
+        raise ExportError(f"calibration needs at least 1 image, asked for {n_calibration}")
     if n_validation < MIN_VALIDATION_IMAGES:
         raise ExportError(
             f"validation needs at least {MIN_VALIDATION_IMAGES} images, asked for {n_validation}"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from gallery_builder.cli.options import trust_option
 from query_sdk.bundle_format import COREML_DEPLOYMENT_TARGETS, ORT_OPERATORS_FILE
 from query_sdk.bundle_format import QUANTIZATIONS as QUANTS
 from query_sdk.errors import cli_errors
@@ -134,6 +135,7 @@ def _jobs(targets: tuple[str, ...], quants: tuple[str, ...]):
 @click.option("--out", required=True, type=PathType, help="Bundle folder to create.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@trust_option
 @cli_errors
 def main(
     model_dir,
@@ -151,6 +153,7 @@ def main(
     out,
     force,
     as_json,
+    trust,
 ) -> None:
     """Export the query side as one bundle: manifest.json (space id, input spec, every
     artifact's checksum and validation figures) plus a model file per target and precision.
@@ -189,6 +192,7 @@ def main(
         force=force,
         coreml_target=coreml_target or DEFAULT_DEPLOYMENT_TARGET,
         ort_format=ort_format,
+        trust=trust,
     )
     result = export_bundle(plan, progress=not as_json)
     manifest = result.manifest

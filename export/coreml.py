@@ -21,7 +21,7 @@ from torch import nn
 
 from query_sdk.bundle_format import COREML_DEPLOYMENT_TARGETS
 
-from .errors import ExportError, UnsupportedOpError
+from .errors import ExportError, UnsupportedOpError, one_line
 from .graph import ModelIO, export_program
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "MAX_BATCH",
     "QUANTIZATIONS",
     "export_coreml",
-    "run_coreml",
     "can_predict",
     "check_package",
 ]
@@ -85,7 +84,7 @@ def export_coreml(
         ops = [a or b for a, b in ops]
         if ops:
             raise UnsupportedOpError("coreml", ops, str(exc)) from exc
-        raise ExportError(f"coreml: conversion failed: {exc}") from exc
+        raise ExportError(f"coreml: conversion failed: {one_line(exc)}") from exc
     if quantization not in ("fp32", "fp16"):
         model = _compress_weights(model, quantization)
     model.save(str(path))
@@ -155,17 +154,3 @@ def _layer_weights(metadata) -> dict[str, str]:
                 entries = w.val.shape[0] if w.val.ndim == 1 else w.val.shape[-2]
                 stored[name] = f"pal{math.log2(entries):g}"
     return stored
-
-
-def run_coreml(path: Path, inputs: np.ndarray) -> np.ndarray:
-    """Predict with Core ML (macOS only), in batches of up to MAX_BATCH."""
-    import coremltools as ct
-
-    model = ct.models.MLModel(str(path))
-    (inp,), (out,) = model.get_spec().description.input, model.get_spec().description.output
-    return np.concatenate(
-        [
-            np.asarray(model.predict({inp.name: inputs[i : i + MAX_BATCH]})[out.name])
-            for i in range(0, len(inputs), MAX_BATCH)
-        ]
-    )

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ExportError, UnsupportedOpError
+from .errors import ExportError, UnsupportedOpError, one_line
 from .graph import ModelIO, export_program
 
-__all__ = ["MAX_BATCH", "export_executorch", "run_executorch", "max_batch"]
+__all__ = ["MAX_BATCH", "export_executorch"]
 
 # Upper bound asked for the dynamic batch (memory is planned for it). The XNNPACK lowering may
-# lower it further (a batch equal to a channel count is excluded): max_batch() reads the bound
-# the program really has.
+# lower it further (a batch equal to a channel count is excluded): the SDK's runtime reads the
+# bound the program really has, which the manifest records.
 MAX_BATCH = 64
 
 
@@ -93,8 +93,8 @@ def export_executorch(
     except Exception as exc:
         ops = _op_names_in(str(exc))
         if ops:
-            raise UnsupportedOpError("executorch", ops, str(exc).splitlines()[0]) from exc
-        raise ExportError(f"executorch: lowering failed: {exc}") from exc
+            raise UnsupportedOpError("executorch", ops, str(exc)) from exc
+        raise ExportError(f"executorch: lowering failed: {one_line(exc)}") from exc
     _check_kernels(program)
     Path(path).write_bytes(program.buffer)
     return delegated_ops(program)
@@ -103,25 +103,3 @@ def export_executorch(
 def _op_names_in(message: str) -> list[str]:
     """``aten.xxx`` op names an ExecuTorch error message mentions."""
     return re.findall(r"\baten[.:]+[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", message)
-
-
-def _method(path: Path):
-    from executorch.runtime import Runtime
-
-    return Runtime.get().load_program(Path(path)).load_method("forward")
-
-
-def max_batch(path: Path) -> int:
-    """The largest batch the program's first input takes (its memory-planned bound)."""
-    return int(_method(path).metadata.input_tensor_meta(0).sizes()[0])
-
-
-def run_executorch(path: Path, inputs: np.ndarray) -> np.ndarray:
-    """Run the ``.pte`` with ``executorch.runtime`` over ``inputs``, in batches it takes."""
-    method = _method(path)
-    step = int(method.metadata.input_tensor_meta(0).sizes()[0])
-    outs = []
-    for start in range(0, len(inputs), step):
-        batch = torch.from_numpy(np.ascontiguousarray(inputs[start : start + step]))
-        outs.append(method.execute([batch])[0].numpy().copy())
-    return np.concatenate(outs)

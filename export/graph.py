@@ -20,11 +20,12 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from gallery_builder.models import load_model
-from gallery_builder.models.checkpoint import CheckpointError, read_config
+from gallery_builder.models.checkpoint import CheckpointError
+from gallery_builder.models.saving import Trust
 from gallery_builder.training.heads import Head, check_gallery_models, check_query_model, load_heads
 from query_sdk.spec import InputSpec
 
-from .errors import ExportError
+from .errors import ExportError, one_line
 
 __all__ = [
     "QueryGraph",
@@ -92,21 +93,15 @@ class ExportSource:
     heads_config: dict | None
 
 
-def load_export_source(model_dir: Path, heads_dir: Path | None) -> ExportSource:
+def load_export_source(model_dir: Path, heads_dir: Path | None, trust: Trust = ()) -> ExportSource:
     """Load the query checkpoint (and heads) and check they belong together.
 
     Without heads the space is the query model's own ("to-query", space id = its fingerprint).
     With unified heads T_q is fused behind Q and the space id is the heads'. The gallery-side
-    heads come along (by gallery model name) for :func:`load_gallery_model`.
+    heads come along (by gallery model name) for :func:`load_gallery_model`. ``trust`` names
+    the model code that may run (see ``load_model``).
     """
-    config = read_config(Path(model_dir), "model")
-    if "input_spec" not in config or "input_spec" not in config.get("identity", {}):
-        raise ExportError(
-            f"{model_dir}: the checkpoint has no input_spec (H, W, channels, mean/std) in its "
-            "config.json; the exported model cannot take images without it. Re-save the model "
-            "with gallery_builder.models.save_model, which records it."
-        )
-    model, qcfg = load_model(Path(model_dir))
+    model, qcfg = load_model(Path(model_dir), trust)
     if qcfg["role"] != "query":
         raise ExportError(f"{model_dir}: a {qcfg['role']!r} model; export takes the query model")
     if heads_dir is None:
@@ -137,12 +132,14 @@ def load_export_source(model_dir: Path, heads_dir: Path | None) -> ExportSource:
     )
 
 
-def load_gallery_model(model_dir: Path, source: ExportSource) -> tuple[str, nn.Module]:
+def load_gallery_model(
+    model_dir: Path, source: ExportSource, trust: Trust = ()
+) -> tuple[str, nn.Module]:
     """A gallery model whose head is to be exported: ``(name, model)``; the name is its folder
     name, as in the heads checkpoint. ExportError unless the heads were trained for it."""
     if source.heads_config is None:
         raise ExportError("exporting a gallery head needs --heads (the heads checkpoint)")
-    model, config = load_model(Path(model_dir))
+    model, config = load_model(Path(model_dir), trust)
     name = Path(model_dir).name
     try:
         check_gallery_models(source.heads_config, {name: config})
@@ -208,6 +205,6 @@ def export_program(
     try:
         ep = torch.export.export(module, example, dynamic_shapes=({0: batch},))
     except Exception as exc:  # torch.export names the op / construct it cannot trace
-        raise ExportError(f"torch.export failed: {exc}") from exc
+        raise ExportError(f"torch.export failed: {one_line(exc)}") from exc
     drop_broadcast_expands(ep.graph_module)
     return ep

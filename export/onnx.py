@@ -32,10 +32,10 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
-from .errors import ExportError, UnsupportedOpError
+from .errors import ExportError, UnsupportedOpError, one_line
 from .graph import ModelIO, export_program
 
-__all__ = ["OPSET", "export_onnx", "export_ort", "write_required_operators", "run_onnx"]
+__all__ = ["OPSET", "export_onnx", "export_ort", "write_required_operators"]
 
 OPSET = 18
 _BATCH = 256
@@ -59,7 +59,7 @@ def _export_fp32(module: nn.Module, io: ModelIO, path: Path) -> None:
         ops = re.findall(r"\b(?:aten|prims)[.:]+[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", str(exc))
         if ops:
             raise UnsupportedOpError("onnx", ops, "no ONNX translation for it") from exc
-        raise ExportError(f"onnx: torch.onnx.export failed: {exc}") from exc
+        raise ExportError(f"onnx: torch.onnx.export failed: {one_line(exc)}") from exc
 
 
 class _Reader(CalibrationDataReader):
@@ -134,7 +134,9 @@ def export_ort(onnx_path: Path, path: Path) -> list[str]:
     try:
         ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise ExportError(f"{path.name}: onnxruntime could not write ORT format: {exc}") from exc
+        raise ExportError(
+            f"{path.name}: onnxruntime could not write ORT format: {one_line(exc)}"
+        ) from exc
     _session(path)
     return [f"ORT format of {Path(onnx_path).name}, basic graph optimizations"]
 
@@ -157,16 +159,4 @@ def _session(path: Path) -> ort.InferenceSession:
         ops = re.findall(r"implementation for (\w+)\(", str(exc))
         if ops:
             raise UnsupportedOpError("onnx (onnxruntime CPU)", ops, str(exc)) from exc
-        raise ExportError(f"{path.name}: onnxruntime cannot load it: {exc}") from exc
-
-
-def run_onnx(path: Path, inputs: np.ndarray) -> np.ndarray:
-    """Run the model with onnxruntime (CPU) over ``inputs``."""
-    session = _session(path)
-    name = session.get_inputs()[0].name
-    return np.concatenate(
-        [
-            session.run(None, {name: inputs[i : i + _BATCH]})[0]
-            for i in range(0, len(inputs), _BATCH)
-        ]
-    )
+        raise ExportError(f"{path.name}: onnxruntime cannot load it: {one_line(exc)}") from exc

@@ -19,7 +19,9 @@ query model's own), ``input_spec`` (:class:`query_sdk.spec.InputSpec` as a dict)
 (ISO 8601 UTC), ``tool_version`` and ``extra`` (free-form). Unknown keys are refused:
 additions go into ``extra`` or bump ``FORMAT_VERSION``. Version 2 added the "ort" target, the
 Core ML palettized quantizations "pal6"/"pal4" and the artifacts' ``deployment_target``;
-version 1 manifests are read as they are.
+version 1 manifests are read as they are. Every field and its bounds are declared once
+(``MANIFEST_SPEC``, see :mod:`query_sdk.manifest`), which is also the published JSON Schema
+``query_sdk/schemas/bundle-manifest.schema.json``.
 
 Every query artifact takes the image batch as the app has it (``input_spec``: uint8 NHWC,
 H x W x channels; ``input_dtype`` says when a runtime needs the same pixel values as another
@@ -39,24 +41,37 @@ This module imports only the standard library (and query_sdk); never torch.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-import re
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from query_sdk.gallery_format import (
-    GalleryError,
-    safe_join,
-    sha256_file,
-    utc_now_iso,
-)
-from query_sdk.spec import InputSpec
-
 from .errors import FormatError
 from .fileio import read_json, write_json_atomic
+from .gallery_format import safe_join, sha256_file, utc_now_iso
+from .manifest import (
+    MAX_COUNT,
+    MAX_DIM,
+    MAX_FILE_BYTES,
+    SHA256,
+    UTC_TIME,
+    AnyOf,
+    Arr,
+    Case,
+    Enum,
+    FreeObj,
+    Int,
+    Null,
+    Nullable,
+    Num,
+    Obj,
+    Str,
+    Versions,
+    file_name,
+    json_schema,
+    validate,
+)
+from .spec import MAX_SIDE, InputSpec
 
 __all__ = [
     "FORMAT_VERSION",
@@ -98,72 +113,129 @@ ORT_OPERATORS_FILE = "ort-required-operators.config"
 QUERY_ROLE = "query"
 HEAD_ROLE_PREFIX = "head:"
 INPUT_DTYPES = ("uint8", "int32", "float32", "float16")
-_HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: largest batch an artifact may declare, and largest shape dimension
+MAX_BATCH = 1 << 16
+MAX_ARTIFACTS = 256
 
 
 class BundleError(FormatError):
     """A query bundle is missing, damaged or inconsistent; the message names the file and key."""
 
 
-# --------------------------------------------------------------------------- value checks
+# --------------------------------------------------------------------------- manifest spec
 
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _get(d: dict, key: str, where: str, check, what: str, optional: bool = False) -> Any:
-    """``d[key]`` if ``check`` accepts it; BundleError naming ``where``, the key and ``what``."""
-    if key not in d:
-        if optional:
-            return None
-        raise BundleError(f"{where}: missing key {key!r}")
-    v = d[key]
-    if optional and v is None:
-        return None
-    if not check(v):
-        raise BundleError(f"{where}: key {key!r} must be {what}, got {v!r:.80}")
-    return v
-
-
-def _only(d: dict, allowed: tuple[str, ...], where: str) -> None:
-    unknown = sorted(set(d) - set(allowed))
-    if unknown:
-        raise BundleError(
-            f"{where}: unknown key(s) {unknown} (bundle format_version {FORMAT_VERSION})"
+_ROLE = Str(
+    pattern=r"^(query|head:[A-Za-z0-9][A-Za-z0-9_.+-]*)$",
+    what="'query' or 'head:<gallery model name>'",
+)
+_SHAPE = Arr(
+    AnyOf(Enum([-1]), Int(1, max(MAX_BATCH, MAX_SIDE, MAX_DIM)), what="-1 or a positive int"),
+    min_items=1,
+    max_items=8,
+    doc="-1 marks a dynamic dimension (the batch)",
+)
+_COS = Num(-1.0 - 1e-6, 1.0 + 1e-6)
+_COSINE = Nullable(_COS)
+_VALIDATION = Obj(
+    {
+        "runtime": Str(min_len=1),
+        "images": Int(0, MAX_COUNT),
+        "cosine_min": _COSINE,
+        "cosine_mean": _COSINE,
+        "recall_at_1_delta": Nullable(Num(-1.0, 1.0)),
+        "gallery_space_id": Nullable(Str(min_len=1)),
+    },
+    optional=("recall_at_1_delta", "gallery_space_id"),
+    cases=[
+        Case(
+            "images",
+            0,
+            then={"cosine_min": Null(), "cosine_mean": Null()},
+            otherwise={"cosine_min": _COS, "cosine_mean": _COS},
+        ),
+        Case(
+            "recall_at_1_delta",
+            None,
+            then={"gallery_space_id": Null()},
+            otherwise={"gallery_space_id": Str(min_len=1)},
+            otherwise_required=("gallery_space_id",),
+        ),
+    ],
+    doc="cosine_min/cosine_mean are null exactly when images is 0; recall_at_1_delta and "
+    "gallery_space_id go together",
+)
+_ARTIFACT = Obj(
+    {
+        "target": Enum(TARGETS),
+        "quantization": Enum(QUANTIZATIONS),
+        "file": file_name(exclude=(MANIFEST_FILE,)),
+        "bytes": Int(1, MAX_FILE_BYTES),
+        "sha256": SHA256,
+        "role": _ROLE,
+        "input_name": Str(min_len=1),
+        "input_shape": _SHAPE,
+        "input_dtype": Enum(INPUT_DTYPES),
+        "output_name": Str(min_len=1),
+        "output_shape": Arr(_SHAPE.item, min_items=2, max_items=2, doc="[N, embedding_dim]"),
+        "validation": _VALIDATION,
+        "max_batch": Nullable(Int(1, MAX_BATCH)),
+        "deployment_target": Nullable(Enum(COREML_DEPLOYMENT_TARGETS)),
+    },
+    optional=("max_batch", "deployment_target"),
+    cases=[
+        Case(
+            "target",
+            target,
+            then={
+                "file": Str(pattern=rf"\{suffix}$", what=f"a file name ending in {suffix}"),
+                **({} if target == "coreml" else {"deployment_target": Null()}),
+            },
         )
+        for target, suffix in TARGET_SUFFIX.items()
+    ],
+)
+_INPUT_SPEC = Obj(
+    {
+        "height": Int(1, MAX_SIDE),
+        "width": Int(1, MAX_SIDE),
+        "channels": Enum([1, 3]),
+        "mean": Arr(Num(), min_items=1, max_items=3),
+        "std": Arr(Num(0, gt=True), min_items=1, max_items=3),
+        "dtype": Enum(["uint8"]),
+        "layout": Enum(["NHWC"]),
+    },
+    optional=("mean", "std", "dtype", "layout"),
+    doc="query_sdk.spec.InputSpec; mean and std have 1 or channels values",
+)
+_FIELDS = {
+    "format_version": Enum(READABLE_VERSIONS),
+    "space_id": Str(min_len=1, doc="the embedding space; a searcher refuses a gallery of another"),
+    "mode": Enum(MODES),
+    "input_spec": _INPUT_SPEC,
+    "embedding_dim": Int(1, MAX_DIM),
+    "query_fingerprint": Str(min_len=1),
+    "artifacts": Arr(_ARTIFACT, min_items=1, max_items=MAX_ARTIFACTS),
+    "created": UTC_TIME,
+    "tool_version": Str(),
+    "extra": Nullable(FreeObj()),
+}
+_MANIFEST = Obj(_FIELDS, optional=("extra",))
+MANIFEST_SPEC = Versions(dict.fromkeys(READABLE_VERSIONS, _MANIFEST))
+_CROSS_CHECKS = (
+    "Readers also check what JSON Schema cannot say: artifact files and (target, "
+    "quantization, role) are unique, output_shape is [N, embedding_dim], a query artifact's "
+    "input_shape is [N, height, width, channels] of input_spec, input and output batch "
+    "dimensions agree, cosine_min <= cosine_mean, mean/std have 1 or channels values, "
+    "'created' is a real date; and, against the files, every artifact's bytes and sha256."
+)
 
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _cosine(v: Any) -> bool:
-    return _number(v) and -1.0 - 1e-6 <= v <= 1.0 + 1e-6
-
-
-def _nonempty_str(v: Any) -> bool:
-    return isinstance(v, str) and bool(v)
-
-
-def _sha_hex(v: Any) -> bool:
-    return isinstance(v, str) and bool(_SHA256.match(v))
-
-
-def _shape(v: Any) -> bool:
-    """A shape: positive ints, -1 for a dynamic dimension."""
-    return isinstance(v, list) and bool(v) and all(_is_int(x) and (x > 0 or x == -1) for x in v)
-
-
-def _role(v: Any) -> bool:
-    if v == QUERY_ROLE:
-        return True
-    return (
-        isinstance(v, str)
-        and v.startswith(HEAD_ROLE_PREFIX)
-        and bool(_HEAD_NAME.match(v[len(HEAD_ROLE_PREFIX) :]))
-    )
+#: the published JSON Schema of a query bundle's ``manifest.json``
+MANIFEST_SCHEMA = json_schema(
+    MANIFEST_SPEC,
+    name="bundle-manifest.schema.json",
+    title="cmce query bundle manifest.json",
+    description=f"A query bundle's manifest (format_version 1 and 2). {_CROSS_CHECKS}",
+)
 
 
 # --------------------------------------------------------------------------- dataclasses
@@ -199,33 +271,22 @@ class Validation:
         return {k: getattr(self, k) for k in self._KEYS}
 
     @classmethod
-    def from_dict(cls, d: Any, where: str) -> Validation:
-        if not isinstance(d, dict):
-            raise BundleError(f"{where}: must be an object")
-        _only(d, cls._KEYS, where)
-        runtime = _get(d, "runtime", where, _nonempty_str, "a non-empty string")
-        images = _get(d, "images", where, lambda v: _is_int(v) and v >= 0, "an int >= 0")
-        cmin = _get(d, "cosine_min", where, _cosine, "a number in [-1, 1] or null", True)
-        cmean = _get(d, "cosine_mean", where, _cosine, "a number in [-1, 1] or null", True)
-        if (cmin is None) != (cmean is None) or (cmin is None) != (images == 0):
-            raise BundleError(
-                f"{where}: cosine_min and cosine_mean are both null exactly when images is 0"
-            )
+    def _checked(cls, d: dict, where: str) -> Validation:
+        """From a dict ``_VALIDATION`` accepted: the checks between its values."""
+        cmin, cmean = d["cosine_min"], d["cosine_mean"]
         if cmin is not None and cmin > cmean + 1e-9:
             raise BundleError(f"{where}: cosine_min {cmin} exceeds cosine_mean {cmean}")
-        delta = _get(d, "recall_at_1_delta", where, _number, "a number or null", True)
-        space = _get(d, "gallery_space_id", where, _nonempty_str, "a string or null", True)
-        if (delta is None) != (space is None):
-            raise BundleError(
-                f"{where}: recall_at_1_delta and gallery_space_id go together (both or neither)"
-            )
+
+        def num(key: str) -> float | None:
+            return None if d.get(key) is None else float(d[key])
+
         return cls(
-            runtime=runtime,
-            images=images,
-            cosine_min=None if cmin is None else float(cmin),
-            cosine_mean=None if cmean is None else float(cmean),
-            recall_at_1_delta=None if delta is None else float(delta),
-            gallery_space_id=space,
+            runtime=d["runtime"],
+            images=d["images"],
+            cosine_min=num("cosine_min"),
+            cosine_mean=num("cosine_mean"),
+            recall_at_1_delta=num("recall_at_1_delta"),
+            gallery_space_id=d.get("gallery_space_id"),
         )
 
 
@@ -285,48 +346,11 @@ class Artifact:
         return d
 
     @classmethod
-    def from_dict(cls, d: Any, where: str) -> Artifact:
-        if not isinstance(d, dict):
-            raise BundleError(f"{where}: must be an object")
-        _only(d, cls._KEYS, where)
-        target = _get(d, "target", where, lambda v: v in TARGETS, f"one of {list(TARGETS)}")
-        quant = _get(
-            d, "quantization", where, lambda v: v in QUANTIZATIONS, f"one of {list(QUANTIZATIONS)}"
-        )
-        file = _get(d, "file", where, _nonempty_str, "a non-empty string")
-        suffix = TARGET_SUFFIX[target]
-        if not file.endswith(suffix) or file == MANIFEST_FILE:
-            raise BundleError(f"{where}: file {file!r} of target {target!r} must end in {suffix}")
-        os_target = _get(
-            d,
-            "deployment_target",
-            where,
-            lambda v: v in COREML_DEPLOYMENT_TARGETS and target == "coreml",
-            f"null, or for coreml one of {list(COREML_DEPLOYMENT_TARGETS)}",
-            True,
-        )
+    def _checked(cls, d: dict, where: str) -> Artifact:
+        """From a dict ``_ARTIFACT`` accepted."""
         return cls(
-            target=target,
-            quantization=quant,
-            file=file,
-            bytes=_get(d, "bytes", where, lambda v: _is_int(v) and v > 0, "a positive int"),
-            sha256=_get(d, "sha256", where, _sha_hex, "a hex sha256"),
-            role=_get(d, "role", where, _role, "'query' or 'head:<gallery model name>'"),
-            input_name=_get(d, "input_name", where, _nonempty_str, "a non-empty string"),
-            input_shape=list(_get(d, "input_shape", where, _shape, "a shape (-1 = dynamic)")),
-            input_dtype=_get(
-                d, "input_dtype", where, lambda v: v in INPUT_DTYPES, f"one of {INPUT_DTYPES}"
-            ),
-            output_name=_get(d, "output_name", where, _nonempty_str, "a non-empty string"),
-            output_shape=list(_get(d, "output_shape", where, _shape, "a shape (-1 = dynamic)")),
-            validation=Validation.from_dict(
-                _get(d, "validation", where, lambda v: isinstance(v, dict), "an object"),
-                f"{where}: validation",
-            ),
-            max_batch=_get(
-                d, "max_batch", where, lambda v: _is_int(v) and v > 0, "a positive int", True
-            ),
-            deployment_target=os_target,
+            **{k: d.get(k) for k in cls._KEYS if k != "validation"},
+            validation=Validation._checked(d["validation"], f"{where}: validation"),
         )
 
 
@@ -367,44 +391,27 @@ class BundleManifest:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = MANIFEST_FILE) -> BundleManifest:
-        """Parse and validate; BundleError naming ``where`` and the missing/bad key."""
-        if not isinstance(d, dict):
-            raise BundleError(f"{where}: top level must be a JSON object")
-        version = _get(d, "format_version", where, _is_int, "an int")
-        if version not in READABLE_VERSIONS:
-            raise BundleError(
-                f"{where}: unknown format_version {version}; this reader supports "
-                f"format_version {', '.join(map(str, READABLE_VERSIONS))}"
-            )
-        _only(d, cls._KEYS, where)
-        spec_dict = _get(d, "input_spec", where, lambda v: isinstance(v, dict), "an object")
+        """Parse and validate; BundleError naming ``where``, the key and the value."""
+        d = validate(MANIFEST_SPEC, d, where, BundleError)
         try:
-            spec = InputSpec.from_dict(spec_dict)
+            spec = InputSpec.from_dict(d["input_spec"])
         except (TypeError, ValueError) as exc:
-            raise BundleError(f"{where}: key 'input_spec' is invalid: {exc}") from exc
-        created = _get(d, "created", where, _nonempty_str, "an ISO 8601 UTC time")
-        try:
-            stamp = datetime.fromisoformat(created.replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise BundleError(f"{where}: 'created' {created!r} is not ISO 8601") from exc
-        if stamp.utcoffset() is None or stamp.utcoffset().total_seconds() != 0:
-            raise BundleError(f"{where}: 'created' {created!r} must be in UTC")
-        dim = _get(d, "embedding_dim", where, lambda v: _is_int(v) and v > 0, "a positive int")
-        items = _get(d, "artifacts", where, lambda v: isinstance(v, list) and v, "a non-empty list")
-        artifacts = [Artifact.from_dict(a, f"{where}: artifacts[{i}]") for i, a in enumerate(items)]
-        _check_artifacts(artifacts, spec, dim, where)
-        extra = _get(d, "extra", where, lambda v: isinstance(v, dict), "an object", True)
+            raise BundleError(f"{where}: key 'input_spec' is invalid: {exc}") from None
+        artifacts = [
+            Artifact._checked(a, f"{where}: artifacts[{i}]") for i, a in enumerate(d["artifacts"])
+        ]
+        _check_artifacts(artifacts, spec, d["embedding_dim"], where)
         return cls(
-            space_id=_get(d, "space_id", where, _nonempty_str, "a non-empty string"),
-            mode=_get(d, "mode", where, lambda v: v in MODES, f"one of {list(MODES)}"),
+            space_id=d["space_id"],
+            mode=d["mode"],
             input_spec=spec,
-            embedding_dim=dim,
-            query_fingerprint=_get(d, "query_fingerprint", where, _nonempty_str, "a string"),
+            embedding_dim=d["embedding_dim"],
+            query_fingerprint=d["query_fingerprint"],
             artifacts=artifacts,
-            created=created,
-            tool_version=_get(d, "tool_version", where, lambda v: isinstance(v, str), "a string"),
-            format_version=version,
-            extra=dict(extra or {}),
+            created=d["created"],
+            tool_version=d["tool_version"],
+            format_version=d["format_version"],
+            extra=dict(d.get("extra") or {}),
         )
 
 
@@ -441,7 +448,7 @@ def artifact_file_name(target: str, quantization: str, role: str = QUERY_ROLE) -
 
     fp32 carries no tag, except for Core ML, whose default precision is fp16.
     """
-    if target not in TARGETS or quantization not in QUANTIZATIONS or not _role(role):
+    if target not in TARGETS or quantization not in QUANTIZATIONS or not _ROLE.accepts(role):
         raise ValueError(f"bad artifact {target!r}/{quantization!r}/{role!r}")
     stem = "query" if role == QUERY_ROLE else "head-" + role[len(HEAD_ROLE_PREFIX) :]
     tag = "" if quantization == "fp32" and target != "coreml" else f".{quantization}"
@@ -502,10 +509,7 @@ def verify_bundle(folder: Path, artifacts: list[Artifact] | None = None) -> Bund
     for a in chosen:
         if listed.get(a.file) != a:
             raise BundleError(f"{a.file}: not listed (as given) in {folder / MANIFEST_FILE}")
-        try:
-            path = safe_join(folder, a.file)
-        except GalleryError as exc:
-            raise BundleError(str(exc).replace("gallery folder", "bundle folder")) from exc
+        path = safe_join(folder, a.file, error=BundleError, what="bundle folder")
         if not path.exists():
             raise BundleError(f"{a.file}: listed in the manifest but missing from {folder}")
         size, digest = path_digest(path)

@@ -13,6 +13,9 @@ from .errors import cli_errors
 from .images import ImageError
 from .runtimes import BACKENDS
 
+#: images decoded and embedded per model call
+BATCH = 64
+
 
 def _uncertainty(_ctx, _param, value: str | None) -> float | str | None:
     """``q0.9`` names a quantile from the manifest; anything else must be a number."""
@@ -41,7 +44,12 @@ def _uncertainty(_ctx, _param, value: str | None) -> float | str | None:
 )
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
-    "--k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="Hits per image."
+    "--k",
+    "k",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Hits per image (more than the gallery holds returns all of its items).",
 )
 @click.option(
     "--max-uncertainty",
@@ -66,7 +74,7 @@ def _uncertainty(_ctx, _param, value: str | None) -> float | str | None:
     default=1,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Threads for the model and the search.",
+    help="Threads for the model and the search (at most the CPU count).",
 )
 @click.option(
     "--public-key",
@@ -92,9 +100,11 @@ def main(
     """Find the gallery items closest to each IMAGE.
 
     Opening checks the bundle's and the gallery's checksums (and signature, with
-    --public-key) and that both are in the same embedding space; a refusal exits with
-    code 2. An image that cannot be read is reported (exit code 1); the others are still
-    answered.
+    --public-key), that both are in the same embedding space and that the model takes
+    what the bundle says; a refusal is one line, exit code 2 (gallery or bundle), 3
+    (signature) or 7 (model runtime). An image that cannot be read (not a regular file,
+    more pixels than the model's budget, undecodable) is reported (exit code 1); the
+    others are still answered.
 
     \b
     Examples:
@@ -109,6 +119,8 @@ def main(
         raise click.BadParameter(
             f"expected shard positions such as 0,2,3, got {shards!r}", param_hint="--shards"
         ) from None
+    if chosen is not None and len(set(chosen)) != len(chosen):
+        raise click.BadParameter(f"{shards!r} names a shard twice", param_hint="--shards")
     searcher = Searcher.open(
         bundle=bundle,
         gallery=gallery,
@@ -118,10 +130,13 @@ def main(
         public_key=public_key,
         shards=chosen,
     )
-    results = searcher.search_batch(list(images), k=k, max_uncertainty=max_uncertainty)
+    try:
+        searcher.gallery.uncertainty_limit(max_uncertainty)
+    except ValueError as exc:  # a quantile name the gallery's manifest does not have
+        raise click.BadParameter(str(exc), param_hint="--max-uncertainty") from None
     failed = 0
     records = []
-    for image, result in zip(images, results, strict=True):
+    for image, result in _answers(searcher, list(images), k, max_uncertainty):
         if isinstance(result, ImageError):
             failed += 1
             records.append({"image": str(image), "error": str(result)})
@@ -147,6 +162,15 @@ def main(
         click.echo(json.dumps(records, indent=2))
     if failed:
         sys.exit(1)
+
+
+def _answers(searcher, images: list[Path], k: int, max_uncertainty):
+    """(image, hits or ImageError) in order, :data:`BATCH` images at a time: memory stays
+    bounded however many images are given."""
+    for start in range(0, len(images), BATCH):
+        chunk = images[start : start + BATCH]
+        results = searcher.search_batch(chunk, k=k, max_uncertainty=max_uncertainty)
+        yield from zip(chunk, results, strict=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ A gallery is a folder::
     shard-00000.meta.npz     sidecar: arrays ids (U), labels (int64), uncertainty (float32),
                              payload (U, one JSON object per item, "" for none), deleted (bool)
     shard-00001.hnsw ...
-    raw/, skipped.jsonl      server-side only, not described here
+    raw/, skipped.jsonl ...  server-side only, listed in the manifest's ``files``
 
 Vectors are L2-normalised, so the hnswlib inner-product space gives cosine similarity
 (``score = 1 - hnswlib distance``). hnswlib labels are int64, unique across the whole gallery;
@@ -18,9 +18,13 @@ Vectors are L2-normalised, so the hnswlib inner-product space gives cosine simil
 ``metric`` ("cosine"), ``hnsw`` {M, ef_construction, ef_search}, ``gallery_models``
 [{name, fingerprint, head_fingerprint}], ``heads`` (free-form), ``uncertainty_quantiles``
 {"0.5": ..}, ``shards`` [{index_file, meta_file, count, deleted, files {name: {bytes, sha256}}}],
-``rejected`` [{id, uncertainty}], ``skipped``, ``created`` (ISO 8601 UTC), ``tool_version``
-and ``extra`` (free-form). Unknown keys are refused: additions go into ``extra`` or bump
-``FORMAT_VERSION``.
+``rejected`` [{id, uncertainty}], ``skipped``, ``created`` (ISO 8601 UTC), ``tool_version``,
+``extra`` (free-form) and ``files`` {relative name: {bytes, sha256}}: the server-side files
+outside the shards that matter (``skipped.jsonl``, the build record, ``raw/part-*``), checked
+by :func:`verify_gallery`. Unknown keys are refused: additions go into ``extra`` or bump
+``FORMAT_VERSION``; version 1 (no ``files``) is still read, writers write version 2. Every
+field and its bounds are declared once (``MANIFEST_SPEC``, see :mod:`query_sdk.manifest`), which
+is also the published JSON Schema ``query_sdk/schemas/gallery-manifest.schema.json``.
 
 Nothing is ever unpickled. Before an index file is handed to hnswlib (whose loader trusts the
 file), its size and sha256 are checked against the manifest and its header and link structure
@@ -47,8 +51,10 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import tokenize
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
@@ -57,10 +63,38 @@ import hnswlib
 import numpy as np
 
 from .errors import FormatError
-from .fileio import atomic_path, atomic_write, parse_json, write_json_atomic
+from .fileio import (
+    MAX_JSON_BYTES,
+    atomic_path,
+    atomic_write,
+    check_regular_file,
+    parse_json,
+    read_regular_file,
+    write_json_atomic,
+)
+from .manifest import (
+    MAX_COUNT,
+    MAX_DIM,
+    UTC_TIME,
+    Arr,
+    Enum,
+    FreeObj,
+    Int,
+    Map,
+    Num,
+    Obj,
+    Spec,
+    Str,
+    Versions,
+    file_entry,
+    file_name,
+    json_schema,
+    validate,
+)
 
 __all__ = [
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "MANIFEST_FILE",
     "METRIC",
     "HNSW_SPACE",
@@ -73,12 +107,14 @@ __all__ = [
     "update_shard_deletions",
     "sha256_file",
     "safe_join",
+    "describe_files",
     "write_manifest",
     "write_json_atomic",
     "read_manifest",
     "read_manifest_bytes",
     "parse_manifest",
     "verify_gallery",
+    "verify_files",
     "load_shard",
     "read_meta",
     "read_index_header",
@@ -86,13 +122,30 @@ __all__ = [
     "utc_now_iso",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: version 1 had no top-level ``files``
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"  # see query_sdk.signing
 METRIC = "cosine"
 HNSW_SPACE = "ip"
 
 NORM_TOLERANCE = 1e-3
 _META_ARRAYS = ("ids", "labels", "uncertainty", "payload", "deleted")
+_META_OPTIONAL = ("classes",)
+_MAX_ID_CHARS = 1024  # ids and class labels
+_MAX_PAYLOAD_CHARS = 65536  # one item's payload JSON
+# sidecar arrays: allowed dtype kinds and the largest item in bytes (numpy "U": 4 a character)
+_META_DTYPES = {
+    "ids": ("U", 4 * _MAX_ID_CHARS),
+    "labels": ("iu", 8),
+    "uncertainty": ("f", 8),
+    "payload": ("U", 4 * _MAX_PAYLOAD_CHARS),
+    "deleted": ("b", 1),
+    "classes": ("U", 4 * _MAX_ID_CHARS),
+}
+_MAX_LEVELS = 64  # hnswlib draws levels as -ln(U) / ln(M): far below this for any double U
+_MAX_M = 10000  # hnswlib caps M here; maxM0 = 2 M must fit the u16 link count
 _HEADER = struct.Struct("<6QiI3QdQ")  # 96 bytes, see module docstring
 _LABEL_SIZE = 8  # hnswlib labeltype = size_t
 _DELETE_MARK = 0x01
@@ -124,30 +177,40 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def safe_join(folder: Path, name: str) -> Path:
+def safe_join(
+    folder: Path,
+    name: str,
+    subfolder: bool = False,
+    error: Callable[[str], Exception] = GalleryError,
+    what: str = "gallery folder",
+) -> Path:
     """``folder / name`` for a plain file name from a manifest; refuses anything that escapes.
 
-    Refused: non-strings, empty, ``.``/``..``, absolute paths, path separators (``/``, ``\\``),
-    drive colons, NUL, and symlinks resolving outside ``folder``.
+    Refused (``error`` naming the entry): non-strings, empty, ``.``/``..``, absolute paths,
+    path separators (``/``, ``\\``), drive colons, NUL, and symlinks resolving outside
+    ``folder`` (the ``what``). With ``subfolder``, one ``/`` is allowed
+    (``raw/part-00000.npz``: exactly one sub-folder level), each part a plain name.
     """
     folder = Path(folder)
     if not isinstance(name, str) or not name:
-        raise GalleryError(f"manifest entry {name!r}: file name must be a non-empty string")
-    if name in (".", "..") or any(c in name for c in "/\\:\x00") or os.path.isabs(name):
-        raise GalleryError(
-            f"manifest entry {name!r}: not a plain file name inside the gallery folder "
-            "(absolute paths, '..' and path separators are refused)"
+        raise error(f"manifest entry {name!r}: file name must be a non-empty string")
+    parts = name.split("/", 1) if subfolder else [name]
+    if os.path.isabs(name) or any(
+        p in ("", ".", "..") or any(c in p for c in "/\\:\x00") for p in parts
+    ):
+        raise error(
+            f"manifest entry {name!r}: not a plain file name inside the {what} "
+            f"(absolute paths, '..' and path separators{' beyond one sub-folder' * subfolder} "
+            "are refused)"
         )
-    path = folder / name
+    path = folder.joinpath(*parts)
     try:
         resolved = path.resolve()
         root = folder.resolve()
     except (OSError, RuntimeError) as exc:
-        raise GalleryError(f"manifest entry {name!r}: cannot resolve path: {exc}") from exc
-    if resolved.parent != root:
-        raise GalleryError(
-            f"manifest entry {name!r}: resolves to {resolved}, outside the gallery folder {root}"
-        )
+        raise error(f"manifest entry {name!r}: cannot resolve path: {exc}") from exc
+    if resolved.parents[len(parts) - 1] != root:
+        raise error(f"manifest entry {name!r}: resolves to {resolved}, outside the {what} {root}")
     return path
 
 
@@ -155,40 +218,95 @@ def _file_entry(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-# --------------------------------------------------------------------------- type checks
+def describe_files(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes", "sha256"}}`` of files in ``folder`` (names as in ``Manifest.files``:
+    relative, at most one sub-folder level), for the manifest's top-level ``files``."""
+    folder = Path(folder)
+    return {name: _file_entry(safe_join(folder, name, subfolder=True)) for name in names}
+
+
+# --------------------------------------------------------------------------- manifest spec
+
+#: hnswlib M (links per element and level; level 0 keeps 2 M, as a u16 count)
+MAX_M = 1024
+#: ef_construction and ef_search: candidates hnswlib keeps per insertion / query
+MAX_EF = 1 << 16
+MAX_SHARDS = 1 << 16
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+_SHARD_NAME = file_name(exclude=(MANIFEST_FILE, SIGNATURE_FILE))
+_SHARD = Obj(
+    {
+        "index_file": _SHARD_NAME,
+        "meta_file": _SHARD_NAME,
+        "count": Int(0, MAX_COUNT, doc="items in the index, deleted ones included"),
+        "deleted": Int(0, MAX_COUNT, doc="items flagged deleted (at most count)"),
+        "files": Map(
+            _SHARD_NAME,
+            file_entry(),
+            min_items=2,
+            max_items=2,
+            doc="size and sha256 of index_file and meta_file (exactly those two)",
+        ),
+    }
+)
+_V1_FIELDS: dict[str, Spec] = {
+    "format_version": Enum([1]),
+    "space_id": Str(min_len=1, doc="the embedding space; a searcher refuses another one"),
+    "dim": Int(1, MAX_DIM),
+    "metric": Enum([METRIC]),
+    "hnsw": Obj(
+        {
+            "M": Int(2, MAX_M),
+            "ef_construction": Int(1, MAX_EF),
+            "ef_search": Int(1, MAX_EF),
+        },
+        doc="hnswlib parameters (M, efConstruction, ef)",
+    ),
+    "gallery_models": Arr(
+        Obj({"name": Str(), "fingerprint": Str(), "head_fingerprint": Str()}, open=True)
+    ),
+    "heads": FreeObj(doc="free-form: mode, fingerprint, ..."),
+    "uncertainty_quantiles": Map(
+        Str(pattern=r"^(0(\.[0-9]+)?|1(\.0+)?)$", what="a quantile in [0, 1] like '0.9'"),
+        Num(),
+    ),
+    "shards": Arr(_SHARD, max_items=MAX_SHARDS),
+    "rejected": Arr(Obj({"id": Str(), "uncertainty": Num()}, open=True)),
+    "skipped": Int(0, 2**53 - 1),
+    "created": UTC_TIME,
+    "tool_version": Str(),
+    "extra": FreeObj(doc="free-form additions"),
+}
+_FILES = Map(
+    file_name(exclude=(MANIFEST_FILE, SIGNATURE_FILE), subfolder=True),
+    file_entry(),
+    doc="files outside the shards that matter (skipped.jsonl, build record, raw parts)",
+)
+MANIFEST_SPEC = Versions(
+    {
+        1: Obj(_V1_FIELDS, optional=("extra",)),
+        2: Obj(_V1_FIELDS | {"format_version": Enum([2]), "files": _FILES}, optional=("extra",)),
+    }
+)
+_CROSS_CHECKS = (
+    "Readers also check what JSON Schema cannot say: a shard's deleted <= count, its "
+    "index_file and meta_file differ and are the two names in its files, every file name is "
+    "listed once over all shards and 'files', 'created' is a real date; and, against the "
+    "files, sizes, sha256, the hnswlib header (count, dim, M, ef_construction) and sidecar."
+)
 
-
-def _require(d: dict, key: str, kind: str, where: str) -> Any:
-    if key not in d:
-        raise GalleryError(f"{where}: missing key {key!r}")
-    v = d[key]
-    ok = {
-        "int": _is_int(v),
-        "pos_int": _is_int(v) and v > 0,
-        "nonneg_int": _is_int(v) and v >= 0,
-        "str": isinstance(v, str),
-        "nonempty_str": isinstance(v, str) and bool(v),
-        "number": _is_number(v),
-        "dict": isinstance(v, dict),
-        "list": isinstance(v, list),
-    }[kind]
-    if not ok:
-        raise GalleryError(f"{where}: key {key!r} must be {kind.replace('_', ' ')}, got {v!r:.80}")
-    return v
-
-
-def _no_unknown(d: dict, allowed: Iterable[str], where: str) -> None:
-    unknown = sorted(set(d) - set(allowed))
-    if unknown:
-        raise GalleryError(f"{where}: unknown key(s) {unknown} (format_version {FORMAT_VERSION})")
+#: the published JSON Schema of a gallery's ``manifest.json``
+MANIFEST_SCHEMA = json_schema(
+    MANIFEST_SPEC,
+    name="gallery-manifest.schema.json",
+    title="cmce gallery manifest.json",
+    description=f"A gallery folder's manifest (format_version 1 and 2). {_CROSS_CHECKS}",
+)
 
 
 # --------------------------------------------------------------------------- dataclasses
@@ -222,68 +340,40 @@ class ShardFiles:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "shard") -> ShardFiles:
-        """Parse and validate; GalleryError naming ``where`` and the bad key."""
-        if not isinstance(d, dict):
-            raise GalleryError(f"{where}: must be an object, got {type(d).__name__}")
-        _no_unknown(d, ("index_file", "meta_file", "count", "deleted", "files"), where)
-        index_file = _require(d, "index_file", "nonempty_str", where)
-        meta_file = _require(d, "meta_file", "nonempty_str", where)
-        count = _require(d, "count", "nonneg_int", where)
-        deleted = _require(d, "deleted", "nonneg_int", where)
-        files = _require(d, "files", "dict", where)
+        """Parse and validate; GalleryError naming ``where``, the key and the value."""
+        d = validate(_SHARD, d, where, GalleryError)
+        return cls._checked(d, where)
+
+    @classmethod
+    def _checked(cls, d: dict, where: str) -> ShardFiles:
+        """From a dict ``_SHARD`` accepted: the checks between its values."""
+        index_file, meta_file, files = d["index_file"], d["meta_file"], d["files"]
         if index_file == meta_file:
             raise GalleryError(f"{where}: index_file and meta_file are the same ({index_file!r})")
-        if deleted > count:
-            raise GalleryError(f"{where}: deleted ({deleted}) exceeds count ({count})")
+        if d["deleted"] > d["count"]:
+            raise GalleryError(f"{where}: deleted ({d['deleted']}) exceeds count ({d['count']})")
         if set(files) != {index_file, meta_file}:
             raise GalleryError(
                 f"{where}: 'files' must describe exactly {sorted({index_file, meta_file})}, "
                 f"got {sorted(files)}"
             )
-        clean: dict[str, dict] = {}
-        for name, entry in files.items():
-            w = f"{where}: files[{name!r}]"
-            if not isinstance(entry, dict):
-                raise GalleryError(f"{w}: must be an object")
-            _no_unknown(entry, ("bytes", "sha256"), w)
-            size = _require(entry, "bytes", "nonneg_int", w)
-            digest = _require(entry, "sha256", "str", w)
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise GalleryError(f"{w}: 'sha256' must be 64 lowercase hex digits")
-            clean[name] = {"bytes": size, "sha256": digest}
-        return cls(index_file, meta_file, count, deleted, clean)
+        return cls(index_file, meta_file, d["count"], d["deleted"], files)
 
 
 @dataclass
 class ShardMeta:
-    """The sidecar of one shard: per-item string id, label, uncertainty, payload, deleted flag."""
+    """The sidecar of one shard: per-item string id, label, uncertainty, payload, deleted flag,
+    and optionally the item's class label ("" for none; ``None`` if the sidecar has none)."""
 
     ids: list[str]
     labels: np.ndarray  # int64
     uncertainty: np.ndarray  # float32
     payload: list[dict | None]
     deleted: np.ndarray  # bool
+    classes: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-_MANIFEST_KEYS = (
-    "format_version",
-    "space_id",
-    "dim",
-    "metric",
-    "hnsw",
-    "gallery_models",
-    "heads",
-    "uncertainty_quantiles",
-    "shards",
-    "rejected",
-    "skipped",
-    "created",
-    "tool_version",
-    "extra",
-)
 
 
 @dataclass
@@ -304,6 +394,9 @@ class Manifest:
     tool_version: str
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
+    #: files outside the shards that matter (skipped.jsonl, build record, raw parts):
+    #: {relative name (at most one sub-folder level): {"bytes", "sha256"}}; since version 2
+    files: dict[str, dict] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
@@ -311,7 +404,7 @@ class Manifest:
         return sum(s.count - s.deleted for s in self.shards)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "format_version": self.format_version,
             "space_id": self.space_id,
             "dim": self.dim,
@@ -327,97 +420,39 @@ class Manifest:
             "tool_version": self.tool_version,
             "extra": dict(self.extra),
         }
+        if self.format_version > 1:
+            d["files"] = {k: dict(v) for k, v in self.files.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str = MANIFEST_FILE) -> Manifest:
-        """Parse and validate; GalleryError naming ``where`` and the missing/bad key."""
-        if not isinstance(d, dict):
-            raise GalleryError(f"{where}: top level must be a JSON object")
-        version = _require(d, "format_version", "int", where)
-        if version != FORMAT_VERSION:
-            raise GalleryError(
-                f"{where}: unknown format_version {version}; this reader supports "
-                f"format_version {FORMAT_VERSION}"
-            )
-        _no_unknown(d, _MANIFEST_KEYS, where)
-        metric = _require(d, "metric", "str", where)
-        if metric != METRIC:
-            raise GalleryError(f"{where}: metric {metric!r} is not supported (only {METRIC!r})")
-        space_id = _require(d, "space_id", "nonempty_str", where)
-        dim = _require(d, "dim", "pos_int", where)
-
-        hnsw = _require(d, "hnsw", "dict", where)
-        _no_unknown(hnsw, ("M", "ef_construction", "ef_search"), f"{where}: hnsw")
-        for key in ("M", "ef_construction", "ef_search"):
-            _require(hnsw, key, "pos_int", f"{where}: hnsw")
-
-        models = _require(d, "gallery_models", "list", where)
-        for i, m in enumerate(models):
-            w = f"{where}: gallery_models[{i}]"
-            if not isinstance(m, dict):
-                raise GalleryError(f"{w}: must be an object")
-            for key in ("name", "fingerprint", "head_fingerprint"):
-                _require(m, key, "str", w)
-
-        heads = _require(d, "heads", "dict", where)
-        quantiles = _require(d, "uncertainty_quantiles", "dict", where)
-        for q, v in quantiles.items():
-            try:
-                ok = 0.0 <= float(q) <= 1.0
-            except ValueError:
-                ok = False
-            if not ok or not _is_number(v):
-                raise GalleryError(
-                    f"{where}: uncertainty_quantiles entry {q!r}: {v!r} needs a key in [0, 1] "
-                    "and a finite number"
-                )
-
-        shard_dicts = _require(d, "shards", "list", where)
+        """Parse and validate; GalleryError naming ``where``, the key and the value."""
+        d = validate(MANIFEST_SPEC, d, where, GalleryError)
         shards = [
-            ShardFiles.from_dict(s, f"{where}: shards[{i}]") for i, s in enumerate(shard_dicts)
+            ShardFiles._checked(s, f"{where}: shards[{i}]") for i, s in enumerate(d["shards"])
         ]
+        files = d.get("files", {})
         seen: set[str] = set()
-        for s in shards:
-            for name in (s.index_file, s.meta_file):
-                if name in seen or name == MANIFEST_FILE:
-                    raise GalleryError(f"{where}: file {name!r} is listed more than once")
-                seen.add(name)
-
-        rejected = _require(d, "rejected", "list", where)
-        for i, r in enumerate(rejected):
-            w = f"{where}: rejected[{i}]"
-            if not isinstance(r, dict):
-                raise GalleryError(f"{w}: must be an object")
-            _require(r, "id", "str", w)
-            _require(r, "uncertainty", "number", w)
-
-        skipped = _require(d, "skipped", "nonneg_int", where)
-        created = _require(d, "created", "str", where)
-        try:
-            stamp = datetime.fromisoformat(created.replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise GalleryError(f"{where}: 'created' {created!r} is not ISO 8601") from exc
-        if stamp.utcoffset() is None or stamp.utcoffset().total_seconds() != 0:
-            raise GalleryError(f"{where}: 'created' {created!r} must be in UTC")
-        tool_version = _require(d, "tool_version", "str", where)
-        extra = d.get("extra", {})
-        if not isinstance(extra, dict):
-            raise GalleryError(f"{where}: key 'extra' must be dict")
+        for name in [n for s in shards for n in (s.index_file, s.meta_file)] + list(files):
+            if name in seen:
+                raise GalleryError(f"{where}: file {name!r} is listed more than once")
+            seen.add(name)
         return cls(
-            space_id=space_id,
-            dim=dim,
-            metric=metric,
-            hnsw=dict(hnsw),
-            gallery_models=[dict(m) for m in models],
-            heads=dict(heads),
-            uncertainty_quantiles={str(k): float(v) for k, v in quantiles.items()},
+            space_id=d["space_id"],
+            dim=d["dim"],
+            metric=d["metric"],
+            hnsw=d["hnsw"],
+            gallery_models=d["gallery_models"],
+            heads=d["heads"],
+            uncertainty_quantiles={k: float(v) for k, v in d["uncertainty_quantiles"].items()},
             shards=shards,
-            rejected=[dict(r) for r in rejected],
-            skipped=skipped,
-            created=created,
-            tool_version=tool_version,
-            format_version=version,
-            extra=dict(extra),
+            rejected=d["rejected"],
+            skipped=d["skipped"],
+            created=d["created"],
+            tool_version=d["tool_version"],
+            format_version=d["format_version"],
+            extra=d.get("extra", {}),
+            files=files,
         )
 
 
@@ -430,15 +465,22 @@ def _payload_json(p: Any, i: int) -> str:
     if not isinstance(p, dict):
         raise ValueError(f"payload[{i}] must be a dict or None, got {type(p).__name__}")
     try:
-        return json.dumps(
+        text = json.dumps(
             p, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"payload[{i}] is not JSON-serialisable: {exc}") from exc
+    if len(text) > _MAX_PAYLOAD_CHARS:
+        raise ValueError(
+            f"payload[{i}] is {len(text)} characters as JSON, more than the "
+            f"{_MAX_PAYLOAD_CHARS} a sidecar holds per item (store large data elsewhere)"
+        )
+    return text
 
 
 def _write_meta_file(f: IO[bytes], meta: ShardMeta) -> None:
     payload = [_payload_json(p, i) for i, p in enumerate(meta.payload)]
+    optional = {} if meta.classes is None else {"classes": np.asarray(meta.classes, np.str_)}
     np.savez(
         f,
         ids=np.asarray(meta.ids, dtype=np.str_),
@@ -446,75 +488,136 @@ def _write_meta_file(f: IO[bytes], meta: ShardMeta) -> None:
         uncertainty=np.asarray(meta.uncertainty, dtype=np.float32),
         payload=np.asarray(payload, dtype=np.str_),
         deleted=np.asarray(meta.deleted, dtype=bool),
+        **optional,
     )
 
 
-def read_meta(path: str | os.PathLike[str]) -> ShardMeta:
-    """Load a ``.meta.npz`` sidecar (never unpickling); GalleryError if malformed."""
+# what zipfile and numpy's .npy header parser (ast, tokenize) raise on damaged or crafted bytes
+_NPZ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    TypeError,
+    SyntaxError,
+    RecursionError,
+    tokenize.TokenError,
+    zipfile.BadZipFile,
+)
+
+
+def _read_member(
+    z: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, name: str, count: int | None
+) -> np.ndarray:
+    """One array of a sidecar; its header is checked before a byte of its data is inflated."""
+    where = f"{name}: array {key!r}"
+    if info.flag_bits & 0x1:
+        raise GalleryError(f"{where} is encrypted; sidecars are plain numpy.savez archives")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise GalleryError(
+            f"{where} is compressed (zip method {info.compress_type}); sidecars are stored "
+            "uncompressed (numpy.savez), so that reading one takes no more memory than its size"
+        )
+    if info.compress_size != info.file_size:
+        raise GalleryError(
+            f"{where}: stored uncompressed, yet the zip directory gives {info.compress_size} "
+            f"bytes on disk and {info.file_size} unpacked"
+        )
+    kinds, max_item = _META_DTYPES[key]
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise GalleryError(f"{where}: .npy format version {version} is not supported")
+        if dtype.hasobject:
+            raise GalleryError(
+                f"{where} refused: dtype {dtype} holds Python objects (reading it would unpickle)"
+            )
+        if dtype.kind not in kinds or dtype.itemsize > max_item or dtype.shape:
+            raise GalleryError(
+                f"{where} refused: dtype {dtype} is not of kind {kinds!r} with items of at most "
+                f"{max_item} bytes"
+            )
+        want = len(shape) == 1 and shape[0] >= 0 and (count is None or shape[0] == count)
+        if not want:
+            expect = f"({count},) from the manifest's count" if count is not None else "1-D"
+            raise GalleryError(f"{where} refused: shape {shape}, expected {expect}")
+        nbytes = shape[0] * dtype.itemsize
+        if info.file_size != f.tell() + nbytes:
+            raise GalleryError(
+                f"{where}: the zip directory gives {info.file_size} bytes, its header implies "
+                f"{f.tell() + nbytes} ({shape[0]} x {dtype})"
+            )
+        data = f.read(nbytes)
+        if len(data) != nbytes or f.read(1):  # reading to the end also checks the CRC
+            raise GalleryError(f"{where}: {len(data)} data bytes, its header implies {nbytes}")
+    return np.frombuffer(data, dtype)
+
+
+def read_meta(path: str | os.PathLike[str], count: int | None = None) -> ShardMeta:
+    """Load a ``.meta.npz`` sidecar; GalleryError naming it if malformed.
+
+    Nothing is unpickled, and no array is inflated before its ``.npy`` header (dtype, item
+    size, shape) has been checked against ``count`` (the manifest's; default: the length of
+    ``ids``) and the zip directory's sizes against that header: time and memory are bounded by
+    the file size and ``count``, so a zip bomb is refused before it is unpacked.
+    """
     path = Path(path)
+    name = path.name
+    if not path.exists():
+        raise GalleryError(f"{name}: missing ({path})")
+    check_regular_file(path, "sidecar", GalleryError)
     arrays: dict[str, np.ndarray] = {}
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise GalleryError(f"{path.name}: not an .npz archive")
-            names = set(z.files)
-            missing = [k for k in _META_ARRAYS if k not in names]
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            members = [i.filename for i in infos]
+            keys = [m.removesuffix(".npy") for m in members]
+            missing = [k for k in _META_ARRAYS if k not in keys]
             if missing:
-                raise GalleryError(f"{path.name}: missing array(s) {missing}")
-            extra = sorted(names - set(_META_ARRAYS))
-            if extra:
-                raise GalleryError(f"{path.name}: unknown array(s) {extra}")
-            for key in _META_ARRAYS:
-                try:
-                    arrays[key] = z[key]
-                except ValueError as exc:  # object arrays need pickle
-                    raise GalleryError(f"{path.name}: array {key!r} refused: {exc}") from exc
+                raise GalleryError(f"{name}: missing array(s) {missing}")
+            extra = sorted(set(members) - {f"{k}.npy" for k in _META_ARRAYS + _META_OPTIONAL})
+            if extra or len(set(members)) != len(members):
+                raise GalleryError(
+                    f"{name}: unknown or repeated member(s) {extra or sorted(members)}"
+                )
+            by_key = dict(zip(keys, infos, strict=True))
+            for key in _META_ARRAYS + _META_OPTIONAL:  # ids first: it fixes count if not given
+                if key in by_key:
+                    arrays[key] = _read_member(z, by_key[key], key, name, count)
+                    count = len(arrays[key]) if count is None else count
     except GalleryError:
         raise
-    except FileNotFoundError as exc:
-        raise GalleryError(f"{path.name}: missing ({path})") from exc
-    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError, ValueError ...
-        raise GalleryError(f"{path.name}: not a readable .npz archive: {exc}") from exc
+    except _NPZ_ERRORS as exc:
+        raise GalleryError(f"{name}: not a readable .npz archive: {exc}") from exc
 
-    kinds = {"ids": "U", "labels": "iu", "uncertainty": "f", "payload": "U", "deleted": "b"}
-    n = None
-    for key, kind in kinds.items():
-        a = arrays[key]
-        if a.ndim != 1 or a.dtype.kind not in kind:
-            raise GalleryError(
-                f"{path.name}: array {key!r} must be 1-D of kind {kind!r}, got {a.dtype} {a.shape}"
-            )
-        if n is None:
-            n = len(a)
-        elif len(a) != n:
-            raise GalleryError(f"{path.name}: array {key!r} has {len(a)} items, 'ids' has {n}")
     labels = arrays["labels"]
     if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.int64).max):
-        raise GalleryError(f"{path.name}: labels must be non-negative int64")
+        raise GalleryError(f"{name}: labels must be non-negative int64")
     labels = labels.astype(np.int64)
     if len(np.unique(labels)) != len(labels):
-        raise GalleryError(f"{path.name}: labels are not unique")
-    ids = [str(s) for s in arrays["ids"]]
+        raise GalleryError(f"{name}: labels are not unique")
+    ids = arrays["ids"].tolist()
     if len(set(ids)) != len(ids):
-        raise GalleryError(f"{path.name}: ids are not unique")
+        raise GalleryError(f"{name}: ids are not unique")
+    uncertainty = arrays["uncertainty"].astype(np.float32)
+    if not np.isfinite(uncertainty).all():
+        raise GalleryError(f"{name}: uncertainty contains NaN/inf")
     payload: list[dict | None] = []
-    for i, s in enumerate(arrays["payload"]):
-        if s == "":
-            payload.append(None)
-            continue
-        try:
-            p = json.loads(str(s))
-        except ValueError as exc:
-            raise GalleryError(f"{path.name}: payload[{i}] is not JSON: {exc}") from exc
-        if not isinstance(p, dict):
-            raise GalleryError(f"{path.name}: payload[{i}] must be a JSON object")
+    for i, s in enumerate(arrays["payload"].tolist()):
+        p = parse_json(s, f"{name}: payload[{i}]", GalleryError) if s else None
+        if s and not isinstance(p, dict):
+            raise GalleryError(f"{name}: payload[{i}] must be a JSON object")
         payload.append(p)
     return ShardMeta(
         ids=ids,
         labels=labels,
-        uncertainty=arrays["uncertainty"].astype(np.float32),
+        uncertainty=uncertainty,
         payload=payload,
         deleted=arrays["deleted"].astype(bool),
+        classes=arrays["classes"].tolist() if "classes" in arrays else None,
     )
 
 
@@ -533,11 +636,13 @@ def write_shard(
     ef_construction: int,
     seed: int = 100,
     num_threads: int = 1,
+    classes: list[str] | None = None,
 ) -> ShardFiles:
     """Build an hnswlib index over ``vectors`` and write it plus its sidecar into ``folder``.
 
     Files are ``shard-{number:05d}.hnsw`` and ``shard-{number:05d}.meta.npz``, each written to
-    a temporary name and ``os.replace``d into place. ValueError on bad input.
+    a temporary name and ``os.replace``d into place. ``classes`` (optional) is each item's class
+    label ("" for none), kept in the sidecar. ValueError on bad input.
     """
     folder = Path(folder)
     if not _is_int(number) or number < 0:
@@ -576,8 +681,20 @@ def write_shard(
     if not isinstance(ids, (list, tuple)) or len(ids) != n:
         raise ValueError(f"ids must be a list of {n} strings")
     for i, s in enumerate(ids):
-        if not isinstance(s, str) or not s or "\x00" in s:
-            raise ValueError(f"ids[{i}] must be a non-empty string without NUL, got {s!r}")
+        if not isinstance(s, str) or not s or "\x00" in s or len(s) > _MAX_ID_CHARS:
+            raise ValueError(
+                f"ids[{i}] must be a non-empty string without NUL of at most {_MAX_ID_CHARS} "
+                f"characters, got {s!r:.80}"
+            )
+    if classes is not None:
+        if not isinstance(classes, (list, tuple)) or len(classes) != n:
+            raise ValueError(f'classes must be a list of {n} strings ("" for none) or None')
+        for i, c in enumerate(classes):
+            if not isinstance(c, str) or "\x00" in c or len(c) > _MAX_ID_CHARS:
+                raise ValueError(
+                    f"classes[{i}] must be a string without NUL of at most {_MAX_ID_CHARS} "
+                    f"characters, got {c!r:.80}"
+                )
     if len(set(ids)) != n:
         seen: set[str] = set()
         dup = next(s for s in ids if s in seen or seen.add(s))
@@ -606,6 +723,7 @@ def write_shard(
         uncertainty=uncertainty.astype(np.float32),
         payload=list(payload),
         deleted=np.zeros(n, dtype=bool),
+        classes=None if classes is None else list(classes),
     )
     index = hnswlib.Index(space=HNSW_SPACE, dim=dim)
     index.init_index(max_elements=n, M=M, ef_construction=ef_construction, random_seed=seed)
@@ -671,9 +789,28 @@ def update_shard_deletions(
 # --------------------------------------------------------------------------- manifest
 
 
+def verify_files(folder: Path, manifest: Manifest) -> None:
+    """Check every entry of ``manifest.files`` (present, regular file, size, sha256)."""
+    folder = Path(folder)
+    for name, want in manifest.files.items():
+        path = safe_join(folder, name, subfolder=True)
+        size = check_regular_file(path, f"file listed in {MANIFEST_FILE}", GalleryError).st_size
+        if size != want["bytes"]:
+            raise GalleryError(
+                f"{path}: {size} bytes, {MANIFEST_FILE} says {want['bytes']}: it was changed "
+                "after the gallery was written (rebuild, or restore the file)"
+            )
+        got = sha256_file(path)
+        if got != want["sha256"]:
+            raise GalleryError(
+                f"{path}: sha256 {got}, {MANIFEST_FILE} says {want['sha256']}: it was changed "
+                "after the gallery was written (rebuild, or restore the file)"
+            )
+
+
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     """Write ``manifest.json`` (sorted keys, indent 2) via temp file + os.replace. Write it last."""
-    d = manifest.to_dict()
+    d = replace(manifest, format_version=FORMAT_VERSION).to_dict()  # the current version
     Manifest.from_dict(d, where=f"{MANIFEST_FILE} (about to be written)")  # never write junk
     write_json_atomic(Path(folder) / MANIFEST_FILE, d)
 
@@ -681,9 +818,9 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
 def read_manifest_bytes(folder: Path) -> bytes:
     """The exact bytes of ``folder/manifest.json`` (what a signature covers)."""
     path = Path(folder) / MANIFEST_FILE
-    if not path.is_file():
+    if not path.exists():
         raise GalleryError(f"{MANIFEST_FILE}: missing in {Path(folder)}")
-    return path.read_bytes()
+    return read_regular_file(path, MAX_JSON_BYTES, "gallery manifest", GalleryError)
 
 
 def parse_manifest(data: bytes, where: str = MANIFEST_FILE) -> Manifest:
@@ -736,17 +873,23 @@ def read_index_header(data: bytes, name: str = "index") -> IndexHeader:
     return IndexHeader(*_HEADER.unpack_from(data, 0))
 
 
-def _check_index(
-    data: bytes, name: str, dim: int, count: int, M: int | None, ef_construction: int | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Check header and link structure of an hnswlib index file against the manifest.
-
-    Returns ``(labels, deleted)`` per internal id, for comparison with the sidecar.
-    """
-    h = read_index_header(data, name)
+def _check_index_header(
+    h: IndexHeader,
+    size: int,
+    name: str,
+    dim: int,
+    count: int,
+    M: int | None,
+    ef_construction: int | None,
+) -> None:
+    """The header against the manifest (count, dim, M) and the file ``size`` against what the
+    header allows: all before the body of the file is read or anything is allocated."""
+    if not 2 <= h.M <= _MAX_M or h.maxM != h.M or h.maxM0 != 2 * h.M:
+        raise GalleryError(
+            f"{name}: implausible header (M {h.M}, maxM {h.maxM}, maxM0 {h.maxM0}; hnswlib "
+            f"writes maxM = M and maxM0 = 2 M with 2 <= M <= {_MAX_M})"
+        )
     links0 = h.maxM0 * 4 + 4
-    if h.maxM < 1 or h.maxM0 < 1 or h.maxM0 > 0xFFFF or h.maxM > 0xFFFF:
-        raise GalleryError(f"{name}: implausible header (maxM {h.maxM}, maxM0 {h.maxM0})")
     if h.size_data_per_element != links0 + dim * 4 + _LABEL_SIZE:
         implied = h.implied_dim
         implied_s = (
@@ -761,8 +904,7 @@ def _check_index(
         "offsetData": (h.offset_data, links0),
         "label_offset": (h.label_offset, links0 + dim * 4),
         "cur_element_count": (h.cur_element_count, count),
-        "maxM": (h.maxM, h.M),
-        "maxM0": (h.maxM0, 2 * h.M),
+        "max_elements": (h.max_elements, count),  # cmce writes indexes without spare room
     }
     if M is not None:
         expect["M"] = (h.M, M)
@@ -773,35 +915,62 @@ def _check_index(
             raise GalleryError(
                 f"{name}: header {field_name} is {got}, expected {want} from the manifest"
             )
-    if h.max_elements < h.cur_element_count:
+    if not math.isclose(h.mult, 1 / math.log(h.M), rel_tol=1e-9):
+        raise GalleryError(f"{name}: header mult is {h.mult}, hnswlib writes 1 / ln(M) for M {h.M}")
+    if count == 0:
+        if h.maxlevel != -1 or size != _HEADER.size:
+            raise GalleryError(
+                f"{name}: an empty index is the {_HEADER.size}-byte header with maxlevel -1, "
+                f"got {size} bytes and maxlevel {h.maxlevel}"
+            )
+        return
+    if not 0 <= h.maxlevel < _MAX_LEVELS or h.enterpoint_node >= count:
         raise GalleryError(
-            f"{name}: header max_elements {h.max_elements} < element count {h.cur_element_count}"
+            f"{name}: bad entry point {h.enterpoint_node} / maxlevel {h.maxlevel} "
+            f"for {count} elements"
         )
-    n = h.cur_element_count
-    level0_end = _HEADER.size + n * h.size_data_per_element
-    if len(data) < level0_end + 4 * n:
+    need = _HEADER.size + count * (h.size_data_per_element + 4)
+    most = need + count * h.maxlevel * (4 + 4 * h.maxM)
+    if size < need:
         raise GalleryError(
-            f"{name}: truncated: {len(data)} bytes, the header and {n} elements need "
-            f"at least {level0_end + 4 * n}"
+            f"{name}: truncated: {size} bytes, the header and {count} elements need at least {need}"
         )
-    if n == 0:
-        if len(data) != level0_end:
-            raise GalleryError(f"{name}: {len(data) - level0_end} unexpected trailing bytes")
-        return np.zeros(0, np.int64), np.zeros(0, bool)
-    if not 0 <= h.maxlevel < 64 or h.enterpoint_node >= n:
+    if size > most:
         raise GalleryError(
-            f"{name}: bad entry point {h.enterpoint_node} / maxlevel {h.maxlevel} for {n} elements"
+            f"{name}: {size} bytes, more than the {most} that {count} elements of at most "
+            f"{h.maxlevel} levels can take (trailing bytes)"
         )
 
+
+def _check_index(
+    data: bytes, name: str, dim: int, count: int, M: int | None, ef_construction: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Prove what hnswlib 0.8's ``loadIndex`` and ``searchKnn`` trust about an index file.
+
+    Besides the header (:func:`_check_index_header`), for every element, deleted ones too (the
+    search walks their links): level-0 link count <= maxM0 and targets < n, flag bytes as
+    hnswlib writes them, a finite unit vector, a unique label; and the upper levels
+    (:func:`_check_upper_levels`). Vectorised: time and memory are linear in the file size.
+    Returns ``(labels, deleted)`` per internal id, for comparison with the sidecar.
+    """
+    h = read_index_header(data, name)
+    _check_index_header(h, len(data), name, dim, count, M, ef_construction)
+    n = count
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, bool)
+    links0 = h.maxM0 * 4 + 4
     rows = np.frombuffer(data, np.uint8, count=n * h.size_data_per_element, offset=_HEADER.size)
     rows = rows.reshape(n, h.size_data_per_element)
     n_links = rows[:, 0:2].copy().view("<u2").ravel()
-    if (n_links > h.maxM0).any():
-        raise GalleryError(f"{name}: level-0 link count exceeds maxM0 {h.maxM0}")
     neighbours = rows[:, 4:links0].copy().view("<u4").reshape(n, h.maxM0)
     used = np.arange(h.maxM0)[None, :] < n_links[:, None]
-    if (neighbours[used] >= n).any():
-        raise GalleryError(f"{name}: level-0 link points past the {n} elements")
+    for bad, problem in (
+        (n_links > h.maxM0, f"has more than maxM0 ({h.maxM0}) level-0 links"),
+        (((neighbours >= n) & used).any(axis=1), f"has a level-0 link past the {n} elements"),
+        ((rows[:, 2] > _DELETE_MARK) | (rows[:, 3] != 0), "has flag bits hnswlib never sets"),
+    ):
+        if bad.any():
+            raise GalleryError(f"{name}: element {int(np.flatnonzero(bad)[0])} {problem}")
     vecs = rows[:, links0 : links0 + dim * 4].copy().view("<f4")
     if not np.isfinite(vecs).all():
         raise GalleryError(f"{name}: stored vectors contain NaN/inf")
@@ -812,59 +981,95 @@ def _check_index(
     if (labels > np.iinfo(np.int64).max).any() or len(np.unique(labels)) != n:
         raise GalleryError(f"{name}: stored labels are not unique non-negative int64")
     deleted = (rows[:, 2] & _DELETE_MARK).astype(bool)
-
-    # upper levels: per element u32 size + size bytes, levels = size / (4 + 4 * maxM)
-    links_per_level = h.maxM * 4 + 4
-    pos = level0_end
-    top = -1
-    top_of_entry = -1
-    for i in range(n):
-        if pos + 4 > len(data):
-            raise GalleryError(f"{name}: truncated in the upper-level links of element {i}")
-        (size,) = struct.unpack_from("<I", data, pos)
-        pos += 4
-        if size:
-            levels, rem = divmod(size, links_per_level)
-            if rem or levels > h.maxlevel or pos + size > len(data):
-                raise GalleryError(
-                    f"{name}: bad upper-level link block of element {i} ({size} bytes)"
-                )
-            block = np.frombuffer(data, "<u4", count=size // 4, offset=pos).reshape(
-                levels, h.maxM + 1
-            )
-            counts = block[:, 0] & 0xFFFF
-            if (counts > h.maxM).any():
-                raise GalleryError(f"{name}: upper-level link count of element {i} exceeds maxM")
-            mask = np.arange(h.maxM)[None, :] < counts[:, None]
-            if (block[:, 1:][mask] >= n).any():
-                raise GalleryError(
-                    f"{name}: upper-level link of element {i} points past the elements"
-                )
-            pos += size
-        else:
-            levels = 0
-        top = max(top, levels)
-        if i == h.enterpoint_node:
-            top_of_entry = levels
-    if pos != len(data):
-        raise GalleryError(f"{name}: {len(data) - pos} unexpected trailing bytes")
-    if top != h.maxlevel or top_of_entry != h.maxlevel:
-        raise GalleryError(f"{name}: maxlevel {h.maxlevel} does not match the stored levels")
+    _check_upper_levels(data, h, name, n)
     return labels.astype(np.int64), deleted
+
+
+def _check_upper_levels(data: bytes, h: IndexHeader, name: str, n: int) -> None:
+    """The per-element upper-level blocks after level 0 (u32 size, then size bytes: levels x
+    [u32 count, maxM x u32 links]): whole levels <= maxlevel, counts <= maxM, every link at
+    level l pointing at an element that has level l (else hnswlib follows a missing link
+    list), the entry point at maxlevel, no trailing bytes."""
+    start = _HEADER.size + n * h.size_data_per_element
+    if (len(data) - start) % 4:
+        raise GalleryError(
+            f"{name}: truncated or padded: the upper-level links are not whole u32 words"
+        )
+    words = memoryview(data)[start:].cast("I")  # native = little-endian, see module docstring
+    per_level = 1 + h.maxM  # words of one level: count + maxM links
+    sizes: list[int] = []
+    offsets: list[int] = []
+    w = 0
+    while len(sizes) < n and w < len(words):  # sequential: a block's place needs the last size
+        sizes.append(words[w])
+        offsets.append(w)
+        w += 1 + (words[w] >> 2)
+    size = np.asarray(sizes, np.int64)
+    levels = size // (4 * per_level)
+    bad = (size % (4 * per_level) != 0) | (levels > h.maxlevel)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise GalleryError(
+            f"{name}: bad upper-level link block of element {i} ({sizes[i]} bytes; a block is "
+            f"at most maxlevel {h.maxlevel} levels of {4 * per_level} bytes)"
+        )
+    if len(sizes) < n or w > len(words):
+        i = len(sizes) - 1 if w > len(words) else len(sizes)
+        raise GalleryError(f"{name}: truncated in the upper-level links of element {i}")
+    if w < len(words):
+        raise GalleryError(f"{name}: {4 * (len(words) - w)} unexpected trailing bytes")
+    entry = h.enterpoint_node
+    if levels.max() != h.maxlevel or levels[entry] != h.maxlevel:
+        raise GalleryError(
+            f"{name}: maxlevel {h.maxlevel} does not match the stored levels (highest "
+            f"{int(levels.max())}; the entry point {entry} has {int(levels[entry])})"
+        )
+    owners = np.flatnonzero(levels)
+    if not owners.size:
+        return
+    k = levels[owners]
+    owner = np.repeat(owners, k)
+    level = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k) + 1
+    first = np.repeat(np.asarray(offsets, np.int64)[owners] + 1, k) + (level - 1) * per_level
+    all_words = np.frombuffer(data, "<u4", offset=start)
+    counts = all_words[first]
+    bad = counts > h.maxM
+    if bad.any():
+        b = int(np.flatnonzero(bad)[0])
+        raise GalleryError(
+            f"{name}: element {owner[b]} has {counts[b]} links at level {level[b]}, "
+            f"maxM is {h.maxM}"
+        )
+    targets = all_words[first[:, None] + 1 + np.arange(h.maxM)]
+    used = np.arange(h.maxM)[None, :] < counts[:, None]
+    target_level = np.where(targets < n, levels[np.minimum(targets, n - 1)], -1)
+    bad = used & (target_level < level[:, None])
+    if bad.any():
+        b, j = (int(x) for x in np.argwhere(bad)[0])
+        t = int(targets[b, j])
+        at = (
+            f"past the {n} elements (hnswlib would read outside the index)"
+            if t >= n
+            else f"at element {t}, which has only level {levels[t]} (hnswlib would follow a "
+            "link list that does not exist)"
+        )
+        raise GalleryError(
+            f"{name}: the link of element {owner[b]} at level {level[b]} points {at}"
+        )
 
 
 # --------------------------------------------------------------------------- verify / load
 
 
 def _check_file(folder: Path, shard: ShardFiles, name: str) -> Path:
-    """safe_join, existence and size of one shard file."""
+    """safe_join, existence, kind (a regular file) and size of one shard file."""
     path = safe_join(folder, name)
     entry = shard.files.get(name)
     if entry is None:
         raise GalleryError(f"{name}: no size/sha256 entry in the manifest")
-    if not path.is_file():
+    if not path.exists():
         raise GalleryError(f"{name}: listed in the manifest but missing from {folder}")
-    size = path.stat().st_size
+    size = check_regular_file(path, "shard file", GalleryError).st_size
     if size != entry["bytes"]:
         raise GalleryError(f"{name}: size {size} bytes, manifest says {entry['bytes']}")
     return path
@@ -877,12 +1082,30 @@ def _verify_shard(
     M: int | None = None,
     ef_construction: int | None = None,
 ) -> ShardMeta:
-    """Checksums, index header/structure and sidecar of one shard; returns the sidecar."""
-    folder = Path(folder)
+    """Checksums, index header/structure and sidecar of one shard; returns the sidecar.
+
+    The index header is checked against the manifest before the rest of the file is read.
+    A GalleryError names the file, the problem and the fix.
+    """
+    try:
+        return _check_shard(Path(folder), shard, dim, M, ef_construction)
+    except GalleryError as exc:
+        raise GalleryError(f"{exc}; rebuild the gallery or download it again") from exc
+
+
+def _check_shard(
+    folder: Path, shard: ShardFiles, dim: int, M: int | None, ef_construction: int | None
+) -> ShardMeta:
     index_path = _check_file(folder, shard, shard.index_file)
     meta_path = _check_file(folder, shard, shard.meta_file)
-    data = index_path.read_bytes()
     want = shard.files[shard.index_file]
+    with open(index_path, "rb") as f:
+        data = f.read(_HEADER.size)
+        header = read_index_header(data, shard.index_file)
+        _check_index_header(
+            header, want["bytes"], shard.index_file, dim, shard.count, M, ef_construction
+        )
+        data += f.read(want["bytes"] + 1 - len(data))  # + 1: a file that grew is refused
     got = hashlib.sha256(data).hexdigest()
     if len(data) != want["bytes"] or got != want["sha256"]:
         raise GalleryError(f"{shard.index_file}: sha256 {got}, manifest says {want['sha256']}")
@@ -895,9 +1118,7 @@ def _verify_shard(
         data, shard.index_file, dim, shard.count, M, ef_construction
     )
     del data
-    meta = read_meta(meta_path)
-    if len(meta) != shard.count:
-        raise GalleryError(f"{shard.meta_file}: {len(meta)} items, manifest count is {shard.count}")
+    meta = read_meta(meta_path, shard.count)
     if int(meta.deleted.sum()) != shard.deleted:
         raise GalleryError(
             f"{shard.meta_file}: {int(meta.deleted.sum())} deleted, manifest says {shard.deleted}"
@@ -917,12 +1138,15 @@ def verify_gallery(
 ) -> Manifest:
     """Check the (selected) shards of a gallery against its manifest; return the manifest.
 
-    ``shards`` are positions in ``manifest.shards`` (default: all). Raises GalleryError naming
-    the file and the problem. Labels must also be unique across the checked shards.
+    ``shards`` are positions in ``manifest.shards`` (default: all, and then also the
+    server-side ``manifest.files``: present, size, sha256). Raises GalleryError naming the file
+    and the problem. Labels must also be unique across the checked shards.
     """
     folder = Path(folder)
     if manifest is None:
         manifest = read_manifest(folder)
+    if shards is None:
+        verify_files(folder, manifest)
     selected = range(len(manifest.shards)) if shards is None else shards
     seen: dict[int, str] = {}
     for i in selected:
@@ -955,11 +1179,7 @@ def load_shard(
     if verify:
         meta = _verify_shard(folder, shard, dim)
     else:
-        meta = read_meta(safe_join(folder, shard.meta_file))
-        if len(meta) != shard.count:
-            raise GalleryError(
-                f"{shard.meta_file}: {len(meta)} items, manifest count is {shard.count}"
-            )
+        meta = read_meta(safe_join(folder, shard.meta_file), shard.count)
     index_path = safe_join(folder, shard.index_file)
     index = hnswlib.Index(space=HNSW_SPACE, dim=dim)
     try:

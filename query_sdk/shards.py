@@ -67,12 +67,14 @@ def search_shards(
 @dataclass(frozen=True)
 class Hit:
     """One search result: the gallery item's id, cosine similarity to the query (higher is
-    closer), its stored ensemble uncertainty and its payload (``None`` if it has none)."""
+    closer), its stored ensemble uncertainty, its payload and its class (from the sidecar's
+    ``classes``; ``None`` when it has none)."""
 
     id: str
     score: float
     uncertainty: float
     payload: dict | None = None
+    class_name: str | None = None
 
 
 class Gallery:
@@ -95,6 +97,7 @@ class Gallery:
         )
         self._ids = [i for m in metas for i in m.ids]
         self._payload = [p for m in metas for p in m.payload]
+        self._classes = [c or None for m in metas for c in (m.classes or [""] * len(m))]
         self._memory = (
             sum(
                 manifest.shards[i].files[manifest.shards[i].index_file]["bytes"]
@@ -102,7 +105,7 @@ class Gallery:
                 + manifest.shards[i].count * _HNSW_PER_ITEM
                 for i in shards
             )
-            + sum(sys.getsizeof(x) + 8 for x in self._ids + self._payload)
+            + sum(sys.getsizeof(x) + 8 for x in self._ids + self._payload + self._classes)
             + self._uncertainty.nbytes
             + self._sorted_labels.nbytes
             + self._order.nbytes
@@ -160,7 +163,8 @@ class Gallery:
     @property
     def memory_bytes(self) -> int:
         """Estimated memory the loaded shards take: hnswlib's index data (the index file's
-        size) and its lock tables and label map, plus the ids, payloads and uncertainties."""
+        size) and its lock tables and label map, plus the ids, payloads, classes and
+        uncertainties."""
         return self._memory
 
     def __repr__(self) -> str:
@@ -211,6 +215,7 @@ class Gallery:
 
         With ``max_uncertainty`` (see :meth:`uncertainty_limit`), items whose stored
         uncertainty is above it are left out, and the k best of the others are returned.
+        A ``k`` above the live item count returns all items (see :meth:`search_labels`).
         """
         labels, scores = self.search_labels(vectors, k, max_uncertainty, threads)
         out = []
@@ -219,7 +224,13 @@ class Gallery:
             rows = self._rows(row_labels[valid]).tolist()
             out.append(
                 [
-                    Hit(self._ids[r], float(s), float(self._uncertainty[r]), self._payload[r])
+                    Hit(
+                        self._ids[r],
+                        float(s),
+                        float(self._uncertainty[r]),
+                        self._payload[r],
+                        self._classes[r],
+                    )
                     for r, s in zip(rows, row_scores[valid].tolist(), strict=True)
                 ]
             )
@@ -232,15 +243,24 @@ class Gallery:
         max_uncertainty: float | str | None = None,
         threads: int = 1,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """As :meth:`search`, as arrays: hnswlib labels and scores (N, k); -1 / -inf pad."""
+        """As :meth:`search`, as arrays: hnswlib labels and scores (N, min(k, count)), best
+        first; -1 / -inf pad rows with fewer hits (items left out by ``max_uncertainty``).
+
+        Asking for more hits than the loaded shards' live items returns all items: ``k`` is
+        clamped to :attr:`count`, so a huge ``k`` costs no more memory than the gallery.
+        ``threads`` above the CPU count are clamped to it (hnswlib starts that many threads).
+        """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        threads = min(threads, os.cpu_count() or 1)
         limit = self.uncertainty_limit(max_uncertainty)
         queries = self._check_queries(vectors)
         n, total = len(queries), self.count
+        k = want = min(k, total)
         labels = np.full((n, k), -1, np.int64)
         scores = np.full((n, k), -np.inf, np.float32)
-        want = min(k, total)
         fetch, todo = want, np.arange(n)
         while todo.size and want:
             found, sims = search_shards(self._pairs, queries[todo], fetch, threads)

@@ -3,6 +3,8 @@
 The manifest holds the size and sha256 of every shard file, so signing its exact bytes signs
 the whole gallery. ``manifest.sig`` is JSON: ``{"algorithm": "ed25519", "public_key": hex,
 "signature": hex}``; the public key in it is only a hint for error messages, never trusted.
+It is read bounded (4 KiB) and checked by ``SIGNATURE_SPEC``, published as
+``query_sdk/schemas/manifest-sig.schema.json``.
 
 Key files are hex text: ``<name>.key`` (the 32-byte secret seed, mode 0600) and
 ``<name>.pub`` (the 32-byte public key). Needs ``pynacl`` (``pip install "cmce[signing]"``).
@@ -10,12 +12,13 @@ Key files are hex text: ``<name>.key`` (the 32-byte secret seed, mode 0600) and
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from .errors import CmceError, SignatureError
-from .gallery_format import MANIFEST_FILE
+from .fileio import read_json, read_regular_file, write_bytes_atomic, write_json_atomic
+from .gallery_format import MANIFEST_FILE, SIGNATURE_FILE, read_manifest_bytes
+from .manifest import Enum, Obj, Str, json_schema, validate
 
 __all__ = [
     "SIGNATURE_FILE",
@@ -25,11 +28,33 @@ __all__ = [
     "load_secret_key",
     "sign_manifest",
     "verify_manifest",
+    "SIGNATURE_SCHEMA",
 ]
 
-SIGNATURE_FILE = "manifest.sig"
 ALGORITHM = "ed25519"
 KEY_BYTES = 32
+#: a signature file is three short fields; anything bigger is not one
+MAX_SIGNATURE_BYTES = 4096
+SIGNATURE_SPEC = Obj(
+    {
+        "algorithm": Enum([ALGORITHM]),
+        "public_key": Str(
+            pattern=f"^[0-9a-f]{{{2 * KEY_BYTES}}}$",
+            what=f"{2 * KEY_BYTES} lowercase hex digits",
+            doc="the signer's key: a hint for error messages, never trusted",
+        ),
+        "signature": Str(pattern="^[0-9a-f]{128}$", what="128 lowercase hex digits"),
+    },
+    optional=("public_key",),
+)
+
+#: the published JSON Schema of ``manifest.sig``
+SIGNATURE_SCHEMA = json_schema(
+    SIGNATURE_SPEC,
+    name="manifest-sig.schema.json",
+    title="cmce gallery manifest.sig",
+    description="A detached Ed25519 signature of the exact bytes of manifest.json.",
+)
 
 
 def _nacl():
@@ -51,7 +76,8 @@ def _key_bytes(key: str | bytes | os.PathLike[str], what: str) -> bytes:
         text = str(key).strip()
         path = Path(text).expanduser()
         if len(text) != 2 * KEY_BYTES and path.is_file():
-            text = path.read_text(encoding="utf-8").strip()
+            data = read_regular_file(path, 8 * KEY_BYTES, f"{what} file", SignatureError)
+            text = data.decode("ascii", "replace").strip()
         try:
             raw = bytes.fromhex(text)
         except ValueError:
@@ -84,7 +110,7 @@ def generate_keys(base: str | os.PathLike[str]) -> tuple[Path, Path]:
     fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(key.encode().hex() + "\n")
-    public_path.write_text(key.verify_key.encode().hex() + "\n", encoding="utf-8")
+    write_bytes_atomic(public_path, (key.verify_key.encode().hex() + "\n").encode("ascii"))
     return secret_path, public_path
 
 
@@ -92,7 +118,7 @@ def sign_manifest(folder: str | os.PathLike[str], secret_key: str | bytes) -> Pa
     """Sign ``folder/manifest.json`` as it is now; write and return ``folder/manifest.sig``."""
     signing, _ = _nacl()
     folder = Path(folder)
-    data = (folder / MANIFEST_FILE).read_bytes()
+    data = read_manifest_bytes(folder)
     key = signing.SigningKey(load_secret_key(secret_key))
     record = {
         "algorithm": ALGORITHM,
@@ -100,9 +126,7 @@ def sign_manifest(folder: str | os.PathLike[str], secret_key: str | bytes) -> Pa
         "signature": key.sign(data).signature.hex(),
     }
     path = folder / SIGNATURE_FILE
-    tmp = path.with_name(f".{SIGNATURE_FILE}.tmp")
-    tmp.write_text(json.dumps(record, sort_keys=True, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, record)
     return path
 
 
@@ -122,14 +146,13 @@ def verify_manifest(
             f"{SIGNATURE_FILE}: missing in {folder}; a public key was given, so unsigned "
             "galleries are refused"
         )
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        algorithm, signature = record["algorithm"], bytes.fromhex(record["signature"])
-        hint = str(record.get("public_key", "?"))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise SignatureError(f"{SIGNATURE_FILE}: malformed ({exc})") from exc
-    if algorithm != ALGORITHM:
-        raise SignatureError(f"{SIGNATURE_FILE}: algorithm {algorithm!r}, expected {ALGORITHM!r}")
+    record = validate(
+        SIGNATURE_SPEC,
+        read_json(path, "signature file", SignatureError, max_bytes=MAX_SIGNATURE_BYTES),
+        str(path),
+        SignatureError,
+    )
+    signature, hint = bytes.fromhex(record["signature"]), record.get("public_key", "?")
     try:
         signing.VerifyKey(trusted).verify(manifest_bytes, signature)
     except (exceptions.BadSignatureError, ValueError) as exc:

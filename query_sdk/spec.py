@@ -6,11 +6,17 @@ manifest, so that every side preprocesses the same way and nobody hard-codes it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-__all__ = ["InputSpec", "to_model_input"]
+__all__ = ["MAX_SIDE", "InputSpec", "to_model_input"]
+
+#: Largest height or width a spec may name. Query models take a few hundred pixels a side and
+#: gallery models rarely above 1024; 4096 leaves room for any real model while bounding what a
+#: crafted manifest can make a reader allocate (one 4096x4096x3 uint8 image is 48 MiB).
+MAX_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -19,7 +25,8 @@ class InputSpec:
 
     The model sees ``(pixel / 255 - mean) / std`` in NCHW layout, ``height`` x ``width``,
     ``channels`` (1 = grey, 3 = RGB). Images arrive as uint8 NHWC; conversion (resize, grey <->
-    RGB) happens before that, normalisation inside the model.
+    RGB) happens before that, normalisation inside the model. Height and width are ints of at
+    most :data:`MAX_SIDE`.
     """
 
     height: int
@@ -31,10 +38,19 @@ class InputSpec:
     layout: str = "NHWC"
 
     def __post_init__(self) -> None:
+        for name in ("height", "width", "channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.height < 1 or self.width < 1:
             raise ValueError(f"height and width must be positive, got {self.height}x{self.width}")
+        if self.height > MAX_SIDE or self.width > MAX_SIDE:
+            raise ValueError(
+                f"height and width must be at most {MAX_SIDE} (no real model takes larger "
+                f"images), got {self.height}x{self.width}"
+            )
         for name in ("mean", "std"):
             values = tuple(float(v) for v in getattr(self, name))
             if len(values) == 1:
@@ -42,6 +58,8 @@ class InputSpec:
             if len(values) != self.channels:
                 raise ValueError(f"{name} needs 1 or {self.channels} values, got {len(values)}")
             object.__setattr__(self, name, values)
+        if not all(math.isfinite(v) for v in self.mean + self.std):
+            raise ValueError(f"mean and std must be finite, got {self.mean} and {self.std}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std}")
         if self.dtype != "uint8" or self.layout != "NHWC":

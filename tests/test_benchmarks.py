@@ -222,8 +222,6 @@ def test_accuracy_smoke(digits_bundle, tmp_path):
         bundle,
         "--gallery",
         gallery,
-        "--gallery-images",
-        "digits",
         "--images",
         "digits",
         "--query-model",

@@ -15,10 +15,12 @@ from gallery_builder.cli.build import main
 from gallery_builder.data.datasets import DataError, load_digits
 from gallery_builder.data.sources import open_source
 from gallery_builder.gallery import build as gallery_module
+from gallery_builder.gallery import encode as encode_module
 from gallery_builder.gallery.build import BuildSettings, Ensemble, add, build, remove, reproject
 from gallery_builder.gallery.raw_store import list_parts, part_path, read_part
 from gallery_builder.models.checkpoint import CheckpointError
 from query_sdk import errors
+from query_sdk.fileio import staging_path
 from query_sdk.gallery_format import (
     GalleryError,
     load_shard,
@@ -180,7 +182,7 @@ def test_interrupted_build_resumes_to_the_same_gallery(digits_run, tmp_path, mon
     reference = tmp_path / "reference"
     build(models, heads, "digits", reference, s)
 
-    real_write = gallery_module.write_part
+    real_write = encode_module.write_part
     calls = []
 
     def failing_write(path, part):
@@ -189,18 +191,22 @@ def test_interrupted_build_resumes_to_the_same_gallery(digits_run, tmp_path, mon
             raise OSError(28, "No space left on device (injected)")
         real_write(path, part)
 
-    monkeypatch.setattr(gallery_module, "write_part", failing_write)
+    monkeypatch.setattr(encode_module, "write_part", failing_write)
     out = tmp_path / "resumed"
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(errors.StorageError, match="injected"):
         build(models, heads, "digits", out, s)
-    assert not (out / "manifest.json").exists()
-    assert list_parts(out) == [0, 1]
+    assert not out.exists()  # the unfinished build stays in the staging folder
+    stage = staging_path(out)
+    assert list_parts(stage) == [0, 1]
     with pytest.raises(GalleryError, match="--resume"):
         build(models, heads, "digits", out, s)
-    monkeypatch.setattr(gallery_module, "write_part", real_write)
-    before = part_path(out, 0).stat().st_mtime_ns
+    monkeypatch.setattr(encode_module, "write_part", real_write)
+    before = part_path(stage, 0).stat().st_mtime_ns
+    leftover = stage / "raw" / ".part-00002.npz.x1y2.tmp"  # what a kill during a write leaves
+    leftover.write_bytes(b"half a part")
     build(models, heads, "digits", out, s, resume=True)
     assert part_path(out, 0).stat().st_mtime_ns == before  # finished parts were kept
+    assert not list(out.rglob("*.tmp")) and not stage.exists()
     a, b = shard_contents(out), shard_contents(reference)
     assert [r[:2] for r in a] == [r[:2] for r in b]
     assert all(np.array_equal(x[2], y[2]) for x, y in zip(a, b, strict=True))
@@ -216,7 +222,7 @@ def test_failed_change_leaves_the_gallery_intact(built, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(gallery_module, "write_manifest", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(errors.StorageError, match="No space left"):
         remove(out, ["digits/5"])
     assert (out / "manifest.json").read_bytes() == before
     verify_gallery(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -140,6 +141,24 @@ def test_train_heads_rejects_unpaired_embeddings(data):
     raw = {"g24": data["raw"]["g24"][:100], "g40": data["raw"]["g40"][:99]}
     with pytest.raises(ValueError, match="g40: 99 gallery embeddings for 100 query"):
         train_heads("to-query", raw, data["query"][:100], data["labels"][:100], SETTINGS)
+
+
+@pytest.mark.parametrize("mode", ["to-query", "unified"])
+def test_heads_train_one_step_per_batch_and_repeat_with_their_seed(data, mode):
+    n, s = 2 * 128 + 1, replace(SETTINGS, epochs=3)  # two batches and a skipped batch of one
+
+    def trained(seed: int) -> dict[str, torch.Tensor]:
+        raw = {k: v[:n] for k, v in data["raw"].items()}
+        args = (raw, data["query"][:n], data["labels"][:n], replace(s, seed=seed))
+        dim = UNIFIED_DIM if mode == "unified" else None
+        return train_heads(mode, *args, dim=dim).state_dict()
+
+    first, again, other = trained(0), trained(0), trained(1)
+    steps = {k: int(v) for k, v in first.items() if k.endswith("num_batches_tracked")}
+    assert len(steps) == 2 * len(DIMS) + 2 * (mode == "unified")  # every head's BatchNorms
+    assert set(steps.values()) == {3 * 2}  # each head trained for epochs x batches steps
+    assert all(torch.equal(v, again[k]) for k, v in first.items())
+    assert not all(torch.equal(v, other[k]) for k, v in first.items())
 
 
 # ----------------------------------------------------------------------------- to-query

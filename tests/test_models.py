@@ -1,9 +1,11 @@
-"""Tests for gallery_builder.models (registry, architectures, complexity) and model checkpoints
-(gallery_builder.models.saving + gallery_builder.models.checkpoint)."""
+"""Tests for gallery_builder.models (registry, architectures, complexity), model checkpoints
+(gallery_builder.models.saving + gallery_builder.models.checkpoint) and the training of models
+(gallery_builder.training.fit: the one fit loop)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,9 @@ from gallery_builder.models.checkpoint import (
     CheckpointError,
     fingerprint,
 )
+from gallery_builder.training.fit import TrainSettings, fit, train_distilled, train_metric
+from gallery_builder.training.heads import HeadSettings
+from query_sdk.errors import DataError
 from query_sdk.spec import InputSpec
 
 try:  # tests/ as a package or as a plain folder on sys.path
@@ -216,7 +221,7 @@ def test_edited_identity_is_caught(tmp_path):
 
 
 def test_edited_identity_with_a_matching_fingerprint_is_still_caught(tmp_path):
-    """Someone edits the width and 'fixes' the fingerprint: the shapes give it away."""
+    """Someone edits the width and 'fixes' the fingerprint: the weights file gives it away."""
     model, identity = small_model()
     save_model(tmp_path / "m", model, identity, "gallery", {})
 
@@ -225,7 +230,7 @@ def test_edited_identity_with_a_matching_fingerprint_is_still_caught(tmp_path):
         c["fingerprint"] = fingerprint(model.state_dict(), c["identity"])
 
     edit_config(tmp_path / "m", change)
-    with pytest.raises(CheckpointError, match="shape mismatches") as err:
+    with pytest.raises(CheckpointError, match="was edited after") as err:
         load_model(tmp_path / "m")
     assert WEIGHTS_FILE in str(err.value) and CONFIG_FILE in str(err.value)
 
@@ -314,7 +319,7 @@ def test_import_external_round_trip(tmp_path, user_net):
     )
     assert config["identity"]["architecture"] == "external"
     assert config["embedding_dim"] == external_net.FEATURES
-    model, loaded_config = load_model(tmp_path / "ext")
+    model, loaded_config = load_model(tmp_path / "ext", trust=[ENTRY_POINT])
     assert loaded_config["fingerprint"] == config["fingerprint"]
     images = uint8_images(6, SMALL_SPEC, seed=2)
     with torch.no_grad():
@@ -368,7 +373,7 @@ def test_import_torchscript_round_trip(tmp_path, user_net):
     ts = traced(net, tmp_path / "user.ts")
     config = import_torchscript(tmp_path / "ts", ts, SMALL_SPEC, external_net.FEATURES)
     assert config["identity"]["architecture"] == "torchscript"
-    model, loaded_config = load_model(tmp_path / "ts")
+    model, loaded_config = load_model(tmp_path / "ts", trust=[tmp_path / "ts"])
     assert loaded_config["fingerprint"] == config["fingerprint"]
     images = uint8_images(5, SMALL_SPEC, seed=4)
     with torch.no_grad():
@@ -392,3 +397,61 @@ def test_import_torchscript_wrong_feature_dim(tmp_path, user_net):
     with pytest.raises(CheckpointError, match=r"returns shape \(16,\) per image, expected \(12,\)"):
         import_torchscript(tmp_path / "ts", ts, SMALL_SPEC, 12)
     assert not (tmp_path / "ts").exists()  # no half-made checkpoint folder is left
+
+
+# ----------------------------------------------------------------------------- the fit loop
+
+
+def test_fit_steps_once_per_batch_and_skips_a_last_batch_of_one():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(33, 3, generator=gen)  # 33 = 16 + 16 + 1
+    y = x @ torch.tensor([1.0, -2.0, 0.5])
+    model = torch.nn.Linear(3, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    batches, in_train_mode = [], []
+
+    def loss_fn(idx, _gen):
+        batches.append(idx.tolist())
+        in_train_mode.append(model.training)
+        return (model(x[idx])[:, 0] - y[idx]).pow(2).mean()
+
+    s = TrainSettings(epochs=20, batch_size=16, lr=0.3, weight_decay=0.0)
+    fit(model.parameters(), len(x), s, loss_fn, "regression", [model])
+    assert [len(b) for b in batches] == [16, 16] * 20  # the batch of one is skipped
+    epochs = [batches[i] + batches[i + 1] for i in range(0, 40, 2)]
+    assert all(len(set(e)) == 32 for e in epochs)  # each epoch a shuffle without repeats
+    assert len({tuple(e) for e in epochs}) == 20  # and a new one every epoch
+    assert all(in_train_mode) and not model.training
+    with torch.no_grad():
+        assert (model(x)[:, 0] - y).pow(2).mean() < 0.01 * y.pow(2).mean()
+
+
+def test_fit_seed_repeats_a_training_run_exactly():
+    """Dropout and mirroring draw random numbers: the seed governs them, whatever the global
+    random state was before training."""
+    images = uint8_images(48, SMALL_SPEC, seed=3)
+    teacher = F.normalize(torch.randn(48, 8, generator=torch.Generator().manual_seed(4)), dim=1)
+    s = TrainSettings(epochs=2, batch_size=16)
+
+    def trained(seed: int, disturb: int = 0) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)  # the same initial weights every time
+        model = create_model("widecnn", SMALL_SPEC, 8, width=4)
+        torch.rand(disturb)
+        train_distilled(model, images, teacher, teacher.flip(0), replace(s, seed=seed))
+        return model.state_dict()
+
+    first, again, other = trained(0), trained(0, disturb=7), trained(1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_settings_and_data_the_fit_loop_cannot_train_with_are_refused():
+    with pytest.raises(ValueError, match="epochs must be at least 1, got 0"):
+        TrainSettings(epochs=0)
+    with pytest.raises(ValueError, match="batch size must be at least 2 .*got 1"):
+        HeadSettings(batch_size=1)  # every batch would be skipped: nothing would train
+    with pytest.raises(ValueError, match="learning rate must be positive, got nan"):
+        TrainSettings(lr=float("nan"))
+    model = create_model("widecnn", SMALL_SPEC, 8, width=4)
+    with pytest.raises(DataError, match="train: 1 training samples; training needs at least 2"):
+        train_metric(model, uint8_images(1, SMALL_SPEC), torch.zeros(1), TrainSettings())

@@ -106,8 +106,8 @@ def test_k_beyond_the_gallery_and_deleted_items(gallery):
     for row in hits:
         assert len(row) == 2 * N - 3
         assert not {"img-0-0", "img-0-1", "img-0-2"} & {h.id for h in row}
-    labels, scores = g.search_labels(queries(2), k=2 * N + 4)
-    assert (labels[:, -7:] == -1).all() and np.isneginf(scores[:, -7:]).all()
+    labels, scores = g.search_labels(queries(2), k=2 * N + 4)  # k is clamped to the live items
+    assert labels.shape == (2, 2 * N - 3) and (labels >= 0).all() and np.isfinite(scores).all()
 
 
 def test_rejection_by_value_and_by_quantile(gallery):
@@ -212,7 +212,7 @@ def test_refused_path_escape(gallery):
         shard["index_file"] = "../" + name
 
     edit_manifest(folder, change)
-    with pytest.raises(GalleryError, match=r"manifest entry '\.\./shard-00000\.hnsw'"):
+    with pytest.raises(GalleryError, match=r"must be a plain file name.*'\.\./shard-00000\.hnsw'"):
         Gallery.open(folder)
 
 
@@ -265,7 +265,7 @@ def test_refused_unsigned_or_other_key(gallery, keys, tmp_path):
     with pytest.raises(SignatureError, match=r"does not match.*signed with key"):
         Gallery.open(folder, public_key=other_public)
     (folder / "manifest.sig").write_text("{not json")
-    with pytest.raises(SignatureError, match="manifest.sig: malformed"):
+    with pytest.raises(SignatureError, match="manifest.sig: not valid JSON"):
         Gallery.open(folder, public_key=public)
     with pytest.raises(SignatureError, match="public key 'abc'"):
         Gallery.open(folder, public_key="abc")

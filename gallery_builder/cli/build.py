@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from gallery_builder.cli.options import trust_option
 from query_sdk.errors import cli_errors
 
 PathType = click.Path(path_type=Path)
@@ -113,6 +114,7 @@ def _sign(gallery: Path, key: Path | None) -> None:
 @click.option("--resume", is_flag=True, help="Finish an interrupted build in --out.")
 @sign_option
 @json_option
+@trust_option
 @cli_errors
 def build(
     model_dirs,
@@ -128,6 +130,7 @@ def build(
     resume,
     sign_key,
     as_json,
+    trust,
 ) -> None:
     """Build a gallery from scratch."""
     from gallery_builder.gallery.build import BuildSettings
@@ -140,7 +143,7 @@ def build(
         batch_size=batch_size,
         reject_quantile=reject_quantile,
     )
-    summary = run(list(model_dirs), heads_dir, source, out, settings, engine, resume)
+    summary = run(list(model_dirs), heads_dir, source, out, settings, engine, resume, trust)
     _sign(out, sign_key)
     _report(summary, as_json)
 
@@ -151,12 +154,13 @@ def build(
 @engine_option
 @sign_option
 @json_option
+@trust_option
 @cli_errors
-def add(gallery, source, engine, sign_key, as_json) -> None:
+def add(gallery, source, engine, sign_key, as_json, trust) -> None:
     """Add images as new shards, with the models and heads the gallery was built with."""
     from gallery_builder.gallery.build import add as run
 
-    summary = run(gallery, source, engine)
+    summary = run(gallery, source, engine, trust)
     _sign(gallery, sign_key)
     _report(summary, as_json)
 

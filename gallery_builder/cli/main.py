@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from gallery_builder.cli.options import TRUST_FLAG, trust_option
 from query_sdk.errors import CheckpointError, DataError, cli_errors
 from query_sdk.spec import InputSpec
 
@@ -200,8 +201,11 @@ def _next_steps(cfg: ExperimentConfig, out: Path, mode: str) -> str:
 @click.option("--gallery-images", required=True, help="Gallery source (folder or built-in).")
 @click.option("--query-images", required=True, help="Query source (folder or built-in).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@trust_option
 @cli_errors
-def eval_cmd(query_dir, heads_dir, gallery_dirs, gallery_images, query_images, as_json) -> None:
+def eval_cmd(
+    query_dir, heads_dir, gallery_dirs, gallery_images, query_images, as_json, trust
+) -> None:
     """Recall@1, Recall@5 and MAP@R of your models on your images, by exact search:
     the query model alone, each gallery model through its head, and the ensemble.
 
@@ -216,8 +220,8 @@ def eval_cmd(query_dir, heads_dir, gallery_dirs, gallery_images, query_images, a
     from gallery_builder.training.fit import embed
     from gallery_builder.training.heads import check_compatible, load_heads
 
-    query, qcfg = load_model(query_dir)
-    gallery = {Path(d).name: load_model(d) for d in gallery_dirs}
+    query, qcfg = load_model(query_dir, trust)
+    gallery = {Path(d).name: load_model(d, trust) for d in gallery_dirs}
     heads, hcfg = load_heads(heads_dir)
     check_compatible(hcfg, qcfg, {n: c for n, (_, c) in gallery.items()})
     spec = query.input_spec
@@ -310,6 +314,7 @@ def _fit(
     subset,
     role,
     teacher_dir=None,
+    trust=(),
 ):
     import torch
 
@@ -339,7 +344,7 @@ def _fit(
         "settings": settings.to_dict(),
     }
     if teacher_dir is not None:
-        teacher, tcfg = load_model(teacher_dir)
+        teacher, tcfg = load_model(teacher_dir, trust)
         if teacher.input_spec != spec:
             raise CheckpointError(
                 f"{teacher_dir}: teacher input spec {teacher.input_spec} differs "
@@ -403,10 +408,11 @@ def train_query(arch, embedding_dim, kwargs, **opts) -> None:
 @click.option("--arch", default="mobilenet", show_default=True)
 @click.option("--kwargs", default=None, help="Architecture options as JSON.")
 @_train_options
+@trust_option
 @cli_errors
-def train_kd(teacher, arch, kwargs, **opts) -> None:
+def train_kd(teacher, arch, kwargs, trust, **opts) -> None:
     """The distillation baseline: a query model regressing a gallery model's embedding."""
-    _fit(arch, None, kwargs, role="query", teacher_dir=teacher, **opts)
+    _fit(arch, None, kwargs, role="query", teacher_dir=teacher, trust=trust, **opts)
 
 
 @train.command("heads")
@@ -427,8 +433,9 @@ def train_kd(teacher, arch, kwargs, **opts) -> None:
 @click.option("--dim", default=128, show_default=True, help="Shared space dim (unified).")
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@trust_option
 @cli_errors
-def train_heads_cmd(mode, query_dir, gallery_dirs, source, out, dim, epochs, seed) -> None:
+def train_heads_cmd(mode, query_dir, gallery_dirs, source, out, dim, epochs, seed, trust) -> None:
     """Train the transformation heads (gallery and query models frozen).
 
     Also stores the gallery models' raw embeddings of the training images (fp16) in the
@@ -446,8 +453,8 @@ def train_heads_cmd(mode, query_dir, gallery_dirs, source, out, dim, epochs, see
     from gallery_builder.training.fit import embed
     from gallery_builder.training.heads import HeadSettings, save_heads, train_heads
 
-    query, qcfg = load_model(query_dir)
-    gallery = {Path(d).name: load_model(d) for d in gallery_dirs}
+    query, qcfg = load_model(query_dir, trust)
+    gallery = {Path(d).name: load_model(d, trust) for d in gallery_dirs}
     images = load_source(source, query.input_spec)
     raw = {
         n: embed(m, load_source(source, m.input_spec).images, progress=n)
@@ -500,8 +507,9 @@ def train_heads_cmd(mode, query_dir, gallery_dirs, source, out, dim, epochs, see
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@trust_option
 @cli_errors
-def train_update(heads_dir, query_dir, source, out, epochs, seed) -> None:
+def train_update(heads_dir, query_dir, source, out, epochs, seed, trust) -> None:
     """Fit a new query model to an existing gallery without running any gallery model.
 
     unified: a new query head into the same space (space_id unchanged: the gallery stays).
@@ -523,7 +531,7 @@ def train_update(heads_dir, query_dir, source, out, epochs, seed) -> None:
     )
 
     heads, hcfg = load_heads(heads_dir)
-    query, qcfg = load_model(query_dir)
+    query, qcfg = load_model(query_dir, trust)
     stored_path = Path(heads_dir) / EMBEDDINGS_FILE
     if not stored_path.is_file():
         raise CheckpointError(
@@ -636,14 +644,23 @@ def import_model(entry_point, weights, torchscript, kwargs, input_spec, feature_
         --input-spec 224x224x3 --feature-dim 768 --out models/mine
     """
     from gallery_builder.models import import_external, import_torchscript
+    from query_sdk.fileio import parse_json
 
     spec = _parse_spec(input_spec, "")
     if torchscript and not entry_point:
         config = import_torchscript(out, torchscript, spec, feature_dim)
     elif entry_point and weights and not torchscript:
         config = import_external(
-            out, entry_point, weights, spec, feature_dim, json.loads(kwargs) if kwargs else {}
+            out,
+            entry_point,
+            weights,
+            spec,
+            feature_dim,
+            parse_json(kwargs, "--kwargs", click.BadParameter) if kwargs else {},
         )
     else:
         raise click.UsageError("give either --entry-point with --weights, or --torchscript")
-    click.echo(f"wrote {out} (fingerprint {config['fingerprint']})")
+    click.echo(
+        f"wrote {out} (fingerprint {config['fingerprint']}); it runs code, so commands that "
+        f"load it need {TRUST_FLAG} {entry_point or out}"
+    )

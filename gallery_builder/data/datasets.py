@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from query_sdk.errors import DataError
+from query_sdk.fileio import atomic_path, folder_transaction
 from query_sdk.images import decode_image
 from query_sdk.spec import InputSpec, to_model_input
 
@@ -252,21 +253,14 @@ def _check_files(files: Mapping[str, Path]) -> None:
 
 
 def _install(files: Mapping[str, Path], dest: Path) -> None:
-    """Copy ``files`` into ``dest`` atomically: into a temp dir next to it, then rename."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    """Copy ``files`` into ``dest`` all-or-nothing (a :func:`folder_transaction`: files already
+    in ``dest`` are kept, hard-linked into the staged copy; ours replace theirs)."""
+    with folder_transaction(
+        dest, start="copy" if dest.is_dir() else "empty", link=lambda name: True
+    ) as stage:
         for src in files.values():
-            shutil.copyfile(src, tmp / src.name)
-        if dest.exists() and not any(dest.iterdir()):
-            dest.rmdir()
-        if not dest.exists():
-            os.replace(tmp, dest)
-        else:  # dest holds other files: replace ours one by one, each atomically
-            for src in files.values():
-                os.replace(tmp / src.name, dest / src.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            with atomic_path(stage / src.name) as tmp:
+                shutil.copyfile(src, tmp)
 
 
 def _tail(text: str, lines: int = 3) -> str:

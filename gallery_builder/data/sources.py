@@ -2,7 +2,9 @@
 
 A source is an image folder (ids = paths relative to it), a list file with one
 ``path[,id[,payload-json]]`` per line (relative paths are relative to the list file), or a
-built-in split such as ``fashion-mnist:train`` (ids ``fashion-mnist:train/<index>``).
+built-in split such as ``fashion-mnist:train`` (ids ``fashion-mnist:train/<index>``). Each
+item carries its class name (an image folder's class sub-folder, a built-in dataset's class; ""
+in a list file), which the builder stores in the shard sidecar: ids are never parsed for it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class GalleryItem:
     id: str
     payload: dict | None = None
     path: str | None = None  # the file to decode; None for built-in arrays
+    class_name: str = ""  # the item's class ("" for none)
 
 
 class ItemSource:
@@ -78,15 +81,18 @@ def open_source(source: str, start: int = 0) -> ItemSource:
     path = Path(source).expanduser()
     if source in BUILTINS:
         data = load_source(source)
-        items = [GalleryItem(start + i, f"{source}/{i}") for i in range(len(data))]
+        items = [
+            GalleryItem(start + i, f"{source}/{i}", class_name=data.classes[int(label)])
+            for i, label in enumerate(data.labels)
+        ]
         return ItemSource(source, items, data.images, start)
     if path.is_dir():
-        files, _ = list_image_folder(path)
+        files, classes = list_image_folder(path)
         return ItemSource(
             source,
             [
-                GalleryItem(start + i, f.relative_to(path).as_posix(), None, str(f))
-                for i, (f, _) in enumerate(files)
+                GalleryItem(start + i, f.relative_to(path).as_posix(), None, str(f), classes[c])
+                for i, (f, c) in enumerate(files)
             ],
         )
     if path.is_file():

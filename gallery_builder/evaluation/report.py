@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gallery_builder.models.checkpoint import write_json
+from query_sdk.fileio import atomic_path, write_bytes_atomic, write_json_atomic
 
 __all__ = ["write_report", "markdown"]
 
@@ -14,13 +14,13 @@ def write_report(report: dict, out: Path) -> list[Path]:
     """Write report.json, report.md, settings.png and rejection.png into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "report.json", report)
+    write_json_atomic(out / "report.json", report)
     files = [
         out / "report.json",
         _plot_settings(report, out / "settings.png"),
         _plot_rejection(report, out / "rejection.png"),
     ]
-    (out / "report.md").write_text(markdown(report))
+    write_bytes_atomic(out / "report.md", markdown(report).encode("utf-8"))
     return [out / "report.md", *files]
 
 
@@ -172,7 +172,8 @@ def _plot_settings(report: dict, path: Path) -> Path:
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{report['dataset']}: asymmetric retrieval by setting")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -211,6 +212,7 @@ def _plot_rejection(report: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path

@@ -23,13 +23,15 @@ __all__ = ["encode_parts_ray"]
 class _ModelActor:
     """One gallery model, loaded once per actor."""
 
-    def __init__(self, model_dir: str, column: str, image_column: str) -> None:
+    def __init__(
+        self, model_dir: str, column: str, image_column: str, trust: tuple[str, ...]
+    ) -> None:
         import torch
 
         from gallery_builder.models import load_model
 
         torch.set_num_threads(1)
-        self.model, _ = load_model(Path(model_dir))
+        self.model, _ = load_model(Path(model_dir), trust)
         self.column, self.image_column = column, image_column
 
     def __call__(self, batch: dict) -> dict:
@@ -40,7 +42,7 @@ class _ModelActor:
 
 
 def _decode(batch: dict, source: ItemSource, specs: dict) -> dict:
-    from gallery_builder.gallery.build import decode_items
+    from gallery_builder.gallery.encode import decode_items
 
     items = [source.items[i] for i in batch["row"]]
     images, reasons = decode_items(source, items, set(specs.values()))
@@ -51,7 +53,7 @@ def _decode(batch: dict, source: ItemSource, specs: dict) -> dict:
 
 
 def _write(group: dict, source: ItemSource, gallery: str, names: list[str]) -> dict:
-    from gallery_builder.gallery.build import assemble_part
+    from gallery_builder.gallery.encode import assemble_part
 
     order = np.argsort(group["row"])
     items: list[GalleryItem] = [source.items[group["row"][i]] for i in order]
@@ -104,6 +106,7 @@ def encode_parts_ray(
                 "model_dir": model_dir,
                 "column": f"raw_{name}",
                 "image_column": key_of[spec],
+                "trust": ensemble.trust,
             },
         )
     ds = ds.groupby("part", num_partitions=len(todo)).map_groups(

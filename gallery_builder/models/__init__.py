@@ -1,6 +1,7 @@
 """Embedding architectures: three gallery families, one light query network and
 MobileNetV3-Small (the latency reference), plus checkpoint folders for them and for users' own
-backbones."""
+backbones (which run code, so they load only when trusted by name: ``load_model(path,
+trust=[...])``)."""
 
 from . import mobilenet, mobilenet_v3, resnet, vit, widecnn  # noqa: F401  (registers them)
 from ._registry import (

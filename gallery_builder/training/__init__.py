@@ -1,1 +1,1 @@
-"""Training: the fit loop (metric learning, distillation), transformation heads, fusion."""
+"""Training: one fit loop for metric learning, distillation and heads; heads; fusion."""

@@ -14,23 +14,23 @@ Two modes:
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from gallery_builder.models.checkpoint import (
     CheckpointError,
+    build_checked,
     fingerprint,
-    load_state_strict,
     read_config,
     read_weights,
     save_checkpoint,
 )
+from gallery_builder.training.fit import check_settings, fit
 from gallery_builder.training.fusion import fuse
 
 __all__ = [
@@ -83,6 +83,11 @@ class HeadSettings:
     temperature: float = 0.05
     l2_weight: float = 1.0
     seed: int = 0
+    warmup: ClassVar[float] = 0.1
+    spare_steps: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 class HeadSet(nn.Module):
@@ -168,37 +173,6 @@ def _key(name: str) -> str:
     return name.replace(".", "_")
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator):
-    order = torch.randperm(n, generator=gen)
-    for start in range(0, n - 1, batch_size):
-        idx = order[start : start + batch_size]
-        if len(idx) > 1:
-            yield idx
-
-
-def _optimise(params, n: int, s: HeadSettings, loss_fn, desc: str, modules) -> None:
-    gen = torch.Generator().manual_seed(s.seed)
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    steps = s.epochs * math.ceil(n / s.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, s.lr, total_steps=steps + s.epochs, pct_start=0.1
-    )
-    for m in modules:
-        m.train()
-    with tqdm(total=s.epochs, desc=desc, leave=False, unit="epoch") as bar:
-        for _ in range(s.epochs):
-            for idx in _batches(n, s.batch_size, gen):
-                loss = loss_fn(idx)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    for m in modules:
-        m.eval()
-
-
 def _cosine_logits(x: torch.Tensor, classifier: torch.Tensor, temperature: float):
     return x @ F.normalize(classifier, dim=-1).T / temperature
 
@@ -237,11 +211,11 @@ def train_heads(
     if mode == "to-query":
         for name in heads.names:
             head = heads.gallery[_key(name)]
-            _optimise(
+            fit(
                 head.parameters(),
                 n,
                 s,
-                lambda idx, head=head, name=name: (
+                lambda idx, _gen, head=head, name=name: (
                     (head(raw[name][idx]) - q[idx]).pow(2).sum(1).mean()
                 ),
                 f"head {name} -> query",
@@ -249,7 +223,7 @@ def train_heads(
             )
         return heads.eval()
 
-    def unified_loss(idx):
+    def unified_loss(idx, _gen):
         tq = heads.query(q[idx])
         y = labels[idx]
         loss = F.cross_entropy(_cosine_logits(tq, heads.classifier, s.temperature), y)
@@ -261,7 +235,7 @@ def train_heads(
             ) / len(heads.names)
         return loss
 
-    _optimise(heads.parameters(), n, s, unified_loss, "unified heads", [heads])
+    fit(heads.parameters(), n, s, unified_loss, "unified heads", [heads])
     return heads.eval()
 
 
@@ -294,13 +268,13 @@ def train_query_head(
             [new.transform_gallery(nm, gallery_raw[nm].float()) for nm in new.names]
         )  # (N_models, N, dim)
 
-    def loss_fn(idx):
+    def loss_fn(idx, _gen):
         tq = new.query(q[idx])
         l2 = (targets[:, idx] - tq[None]).pow(2).sum(-1).mean()
         ce = F.cross_entropy(_cosine_logits(tq, new.classifier, s.temperature), labels[idx])
         return s.l2_weight * l2 + ce
 
-    _optimise(new.query.parameters(), len(q), s, loss_fn, "new query head", [new.query])
+    fit(new.query.parameters(), len(q), s, loss_fn, "new query head", [new.query])
     for p in new.parameters():
         p.requires_grad_(True)
     return new.eval()
@@ -347,10 +321,9 @@ def load_heads(path: Path) -> tuple[HeadSet, dict]:
     config = read_config(path, "heads")
     state = read_weights(path, config)
     try:
-        heads = HeadSet(**config["identity"])
+        heads = build_checked(lambda: HeadSet(**config["identity"]), state, path)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot build heads from its config: {e}") from e
-    load_state_strict(heads, state, path)
     return heads.eval(), config
 
 
