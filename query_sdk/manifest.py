@@ -314,7 +314,12 @@ class Map(Spec):
         if not isinstance(v, dict):
             self.fail(v, path)
         if len(v) < self.min_items or (self.max_items is not None and len(v) > self.max_items):
-            n = self.min_items if self.min_items == self.max_items else "a bounded number of"
+            if self.max_items is None:
+                n = f"at least {self.min_items}"
+            elif self.min_items == self.max_items:
+                n = str(self.min_items)
+            else:
+                n = f"{self.min_items} to {self.max_items}"
             raise _Invalid(f"{_at(path)} must have {n} entries, got {len(v)}")
         out = {}
         for k, x in v.items():

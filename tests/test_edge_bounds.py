@@ -160,9 +160,12 @@ def test_only_regular_files_are_opened_as_images(tmp_path):
 
 def test_opened_pil_files_get_the_same_budget(tmp_path):
     png_bomb(tmp_path / "bomb.png", 5000, 5000)
-    with Image.open(tmp_path / "bomb.png") as im:  # opened lazily: nothing decoded yet
-        with pytest.raises(ImageError, match="5000x5000 pixels is more than the 16777216"):
-            load_image(im, SPEC)
+    # opened lazily: nothing decoded yet
+    with (
+        Image.open(tmp_path / "bomb.png") as im,
+        pytest.raises(ImageError, match="5000x5000 pixels is more than the 16777216"),
+    ):
+        load_image(im, SPEC)
     small = Image.fromarray(np.full((8, 8), 200, np.uint8))
     assert (load_image(small, SPEC) == 200).all()
 
