@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -249,6 +250,12 @@ def test_write_shard_refuses_what_the_reader_would(tmp_path, change, message):
         )
 
 
+def _inherited_rss_mb() -> int:
+    """Linux keeps a process's peak RSS across fork + exec, so the fuzzer's own measure starts
+    from this (torch-laden) pytest process's peak: its memory limit must sit on top of it."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
 def test_fuzz_target_short_run(tmp_path):
     """The atheris target over manifest + index + sidecar runs clean for a few seconds: every
     mutated gallery is refused with a CmceError or searched; nothing else escapes."""
@@ -258,6 +265,7 @@ def test_fuzz_target_short_run(tmp_path):
             sys.executable,
             str(REPO / "benchmarks" / "fuzz_loader.py"),
             "-max_total_time=10",
+            f"-rss_limit_mb={_inherited_rss_mb() + 1024}",
             f"-artifact_prefix={tmp_path}/",
         ],
         capture_output=True,
