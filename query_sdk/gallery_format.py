@@ -93,6 +93,7 @@ from .manifest import (
 )
 
 __all__ = [
+    "check_unit_rows",
     "FORMAT_VERSION",
     "READABLE_VERSIONS",
     "MANIFEST_FILE",
@@ -624,6 +625,22 @@ def read_meta(path: str | os.PathLike[str], count: int | None = None) -> ShardMe
 # --------------------------------------------------------------------------- writing shards
 
 
+def check_unit_rows(vectors: np.ndarray, what: str) -> None:
+    """ValueError unless every row of ``vectors`` is finite and L2-normalised (metric cosine),
+    naming the first row that is not."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{what} contain NaN/inf (row {int(np.flatnonzero(bad)[0])})")
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    off = np.abs(norms - 1.0) > NORM_TOLERANCE
+    if off.any():
+        i = int(np.flatnonzero(off)[0])
+        raise ValueError(
+            f"{what} must be L2-normalised (metric cosine, within {NORM_TOLERANCE}); "
+            f"row {i} has norm {norms[i]:.6f}"
+        )
+
+
 def write_shard(
     folder: Path,
     number: int,
@@ -657,17 +674,7 @@ def write_shard(
     n, dim = vectors.shape
     if n < 1 or dim < 1:
         raise ValueError(f"vectors must be non-empty, got shape {vectors.shape}")
-    bad = ~np.isfinite(vectors).all(axis=1)
-    if bad.any():
-        raise ValueError(f"vectors contain NaN/inf (row {int(np.flatnonzero(bad)[0])})")
-    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
-    off = np.abs(norms - 1.0) > NORM_TOLERANCE
-    if off.any():
-        i = int(np.flatnonzero(off)[0])
-        raise ValueError(
-            f"vectors must be L2-normalised (within {NORM_TOLERANCE}); "
-            f"row {i} has norm {norms[i]:.6f}"
-        )
+    check_unit_rows(vectors, "vectors")
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != n:
         raise ValueError(

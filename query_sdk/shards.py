@@ -15,9 +15,9 @@ import numpy as np
 
 from .gallery_format import (
     MANIFEST_FILE,
-    NORM_TOLERANCE,
     GalleryError,
     Manifest,
+    check_unit_rows,
     load_shard,
     parse_manifest,
     read_manifest_bytes,
@@ -289,14 +289,5 @@ class Gallery:
                 f"query vectors must be (N, {self.manifest.dim}) or "
                 f"({self.manifest.dim},), got shape {np.shape(vectors)}"
             )
-        if not np.isfinite(q).all():
-            raise ValueError("query vectors contain NaN/inf")
-        norms = np.linalg.norm(q.astype(np.float64), axis=1)
-        off = np.abs(norms - 1.0) > NORM_TOLERANCE
-        if off.any():
-            i = int(np.flatnonzero(off)[0])
-            raise ValueError(
-                f"query vectors must be L2-normalised (metric cosine); row {i} "
-                f"has norm {norms[i]:.6f}"
-            )
+        check_unit_rows(q, "query vectors")
         return np.ascontiguousarray(q)
