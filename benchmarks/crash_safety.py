@@ -344,13 +344,14 @@ def main(smoke, out, results_md, run_dir, points, no_exchange, work) -> None:
     }
     lines = [
         "| operation | file-system steps | kill points | old state after kill | new state after "
-        "kill | next op ok, nothing left over |",
-        "|---|---|---|---|---|---|",
+        "kill | path missing until the next op recovers it | next op ok, nothing left over |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key, c in by_op.items():
         lines.append(
             f"| {key} | {totals[key]} | {c['points']} | {c['after kill: old']} | "
-            f"{c['after kill: new']} | {c['ok']} of {c['points']} |"
+            f"{c['after kill: new']} | {c['after kill: missing until recovery']} | "
+            f"{c['ok']} of {c['points']} |"
         )
     section = (
         "### Crash safety: kill -9 during gallery changes\n\n"
