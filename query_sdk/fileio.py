@@ -42,6 +42,7 @@ __all__ = [
     "write_json_atomic",
     "json_text",
     "fsync_dir",
+    "fsync_path",
     "umask_mode",
     "check_regular_file",
     "read_regular_file",
@@ -73,11 +74,16 @@ def umask_mode(base: int = 0o666) -> int:
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
     """fsync a folder so that renames inside it survive a power cut (no-op where unsupported)."""
     with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(folder)
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync the file (or folder) at ``path`` by name, for writers that take a file name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -98,11 +104,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException as exc:
@@ -369,11 +371,7 @@ def _copy_tree(src: Path, dst: Path, link: Callable[[str], bool]) -> None:
                 continue
             shutil.copyfile(source, target)
             os.chmod(target, umask_mode())
-            fd = os.open(target, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(target)
 
 
 @functools.cache
