@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from gallery_builder.cli.options import trust_option
+from gallery_builder.cli.options import experiment_option, from_experiment, trust_option
 from query_sdk.bundle_format import COREML_DEPLOYMENT_TARGETS, ORT_OPERATORS_FILE
 from query_sdk.bundle_format import QUANTIZATIONS as QUANTS
 from query_sdk.errors import cli_errors
@@ -51,9 +51,7 @@ def _jobs(targets: tuple[str, ...], quants: tuple[str, ...]):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--model", "model_dir", required=True, type=PathType, help="Query model checkpoint folder."
-)
+@click.option("--model", "model_dir", type=PathType, help="Query model checkpoint folder.")
 @click.option(
     "--heads",
     "heads_dir",
@@ -135,11 +133,13 @@ def _jobs(targets: tuple[str, ...], quants: tuple[str, ...]):
 @click.option("--out", required=True, type=PathType, help="Bundle folder to create.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@experiment_option
 @trust_option
 @cli_errors
 def main(
     model_dir,
     heads_dir,
+    experiment,
     targets,
     quants,
     coreml_target,
@@ -163,6 +163,8 @@ def main(
 
     \b
     Examples:
+      cmce-export --experiment runs/demo --target onnx --quantize int8 \\
+          --calibration fashion-mnist:train --validation fashion-mnist:test --out bundle/
       cmce-export --model runs/demo/models/query --heads runs/demo/heads/unified \\
           --target all --quantize fp32 --quantize int8 --calibration fashion-mnist:train \\
           --validation fashion-mnist:test --gallery gallery/ --out bundle/
@@ -172,6 +174,11 @@ def main(
           --ort-format --calibration fashion-mnist:train --validation fashion-mnist:test \\
           --out android-bundle/
     """
+    if experiment is not None:
+        chosen = from_experiment(experiment, query_model=model_dir, heads=heads_dir)
+        model_dir, heads_dir = chosen["query_model"], chosen["heads"]
+    elif model_dir is None:
+        raise click.UsageError("give --model DIR or --experiment DIR")
     _quiet_third_party()
     jobs, skipped = _jobs(targets, quants)
     for target, quant in skipped:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from gallery_builder.cli.options import trust_option
+from gallery_builder.cli.options import experiment_option, from_experiment, trust_option
 from query_sdk.errors import cli_errors
 
 PathType = click.Path(path_type=Path)
@@ -51,6 +51,7 @@ def main() -> None:
 
     \b
     Examples:
+      cmce-build-gallery build --experiment runs/demo --images fashion-mnist:train --out gallery/
       cmce-build-gallery build --models runs/demo/models/resnet --models runs/demo/models/vit \\
           --heads runs/demo/heads/unified --images fashion-mnist:train --out gallery/
       cmce-build-gallery add --gallery gallery/ --images new-images/
@@ -79,11 +80,12 @@ def _sign(gallery: Path, key: Path | None) -> None:
     "--models",
     "model_dirs",
     multiple=True,
-    required=True,
     type=PathType,
-    help="Gallery model checkpoint folder (repeat for each of the N models).",
+    help="Gallery model checkpoint folder (repeat for each of the N models; the query model "
+    "too when the heads fuse its own embedding).",
 )
-@click.option("--heads", "heads_dir", required=True, type=PathType, help="Heads folder.")
+@click.option("--heads", "heads_dir", type=PathType, help="Heads folder.")
+@experiment_option
 @click.option(
     "--images",
     "source",
@@ -119,6 +121,7 @@ def _sign(gallery: Path, key: Path | None) -> None:
 def build(
     model_dirs,
     heads_dir,
+    experiment,
     source,
     out,
     shard_size,
@@ -132,10 +135,12 @@ def build(
     as_json,
     trust,
 ) -> None:
-    """Build a gallery from scratch."""
+    """Build a gallery from scratch (with --experiment, from what an experiment recommends)."""
     from gallery_builder.gallery.build import BuildSettings
     from gallery_builder.gallery.build import build as run
 
+    chosen = from_experiment(experiment, gallery_models=list(model_dirs), heads=heads_dir)
+    model_dirs, heads_dir = chosen["gallery_models"], chosen["heads"]
     settings = BuildSettings(
         shard_size=shard_size,
         M=m,

@@ -19,6 +19,7 @@ def write_report(report: dict, out: Path) -> list[Path]:
         out / "report.json",
         _plot_settings(report, out / "settings.png"),
         _plot_rejection(report, out / "rejection.png"),
+        _plot_against_n(report, out / "against_n.png"),
     ]
     write_bytes_atomic(out / "report.md", markdown(report).encode("utf-8"))
     return [out / "report.md", *files]
@@ -30,6 +31,7 @@ def _order(settings: dict) -> list[str]:
         settings,
         key=lambda n: (
             next((i for i, p in enumerate(prefix) if n.startswith(p)), 9),
+            n.endswith(("mean", "ensemble")),
             n.endswith("ensemble"),
             n,
         ),
@@ -94,10 +96,21 @@ Default mode (the better ensemble): **{report["default_mode"]}**.
 
 {settings_table(report)}
 
-`sym:X`: model X on both sides. `kd:G`: a query model distilled from G, searched against G's
-index. `MODE:G`: gallery model G through its head. `MODE:ensemble`: the fused N heads.
+`sym:X`: model X on both sides. `kd:G`: a query model distilled from G (the query model's
+architecture, training budget and augmentation), searched against G's index. `MODE:G`: gallery
+model G through its head. `MODE:mean`: the plain mean of the N heads (the paper's fusion).
+`MODE:ensemble`: the N heads and the query model's own embedding of the gallery image, fused
+with weights fitted on the validation split.
+
+{_gap_sentence(report)}
 
 ![settings](settings.png)
+
+## Accuracy against the number of gallery models
+
+{_against_n_tables(report)}
+
+![against N](against_n.png)
 
 ## Models
 
@@ -117,6 +130,8 @@ AURC = mean error over the coverage range (lower is better).
 Best query-time rule: **{qt["best_rule"]}**: error {100 * err_full:.2f}% at full coverage,
 {100 * err90:.2f}% at 90% coverage ({fewer:.1f}% fewer errors).
 
+{_gallery_drop_sentence(report)}
+
 ![rejection](rejection.png)
 
 ## Compatible query-model update
@@ -129,6 +144,10 @@ new gallery heads re-project the stored raw gallery embeddings).
 |---|---|---|
 {upd_rows}
 
+## Recommendation
+
+{_recommendation(report)}
+
 ## Where the time went
 
 Wall-clock seconds per stage (models found in the cache take next to none).
@@ -137,6 +156,137 @@ Wall-clock seconds per stage (models found in the cache take next to none).
 |---|---|
 {time_rows}
 """
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _gap_sentence(report: dict) -> str:
+    """How much of the gap between the best ``kd:G`` and the best ``sym:G`` the ensemble closes."""
+    s = report["settings"]
+    ens = f"{report['default_mode']}:ensemble"
+    sym = [n for n in s if n.startswith("sym:") and n != "sym:query"]
+    kd = [n for n in s if n.startswith("kd:")]
+    if not sym or not kd or ens not in s:
+        return ""
+    parts = []
+    for key, label in (("recall_at_1", "Recall@1"), ("map_at_r", "MAP@R")):
+        best_sym = max(sym, key=lambda n: s[n][key])
+        best_kd = max(kd, key=lambda n: s[n][key])
+        gap = s[best_sym][key] - s[best_kd][key]
+        closed = (s[ens][key] - s[best_kd][key]) / gap if gap > 0 else float("nan")
+        parts.append(
+            f"{label}: best `kd` {best_kd} {_pct(s[best_kd][key])}, best `sym` {best_sym} "
+            f"{_pct(s[best_sym][key])}, `{ens}` {_pct(s[ens][key])} — "
+            + (f"it closes {100 * closed:.0f}% of the gap" if gap > 0 else "no gap to close")
+        )
+    return "Gap between distillation and the gallery models themselves: " + "; ".join(parts) + "."
+
+
+def _against_n_tables(report: dict) -> str:
+    rows = []
+    for mode, curve in report.get("against_n", {}).items():
+        for r in curve["rows"]:
+            rows.append(
+                f"| {mode} (line-up) | {r['n']} | {r['subsets']} | {_pct(r['mean_recall_at_1'])} | "
+                f"{_pct(r['ensemble_recall_at_1'])} | {_pct(r['mean_map_at_r'])} | "
+                f"{_pct(r['ensemble_map_at_r'])} |"
+            )
+    div = report.get("diversity", {})
+    for axis, curve in div.get("axes", {}).items():
+        for r in curve["rows"]:
+            rows.append(
+                f"| {div['mode']}, {axis} ({', '.join(curve['models'])}) | {r['n']} | "
+                f"{r['subsets']} | {_pct(r['mean_recall_at_1'])} | "
+                f"{_pct(r['ensemble_recall_at_1'])} | {_pct(r['mean_map_at_r'])} | "
+                f"{_pct(r['ensemble_map_at_r'])} |"
+            )
+    return (
+        "Mean over every subset of N gallery models, on the search classes. `mean`: the plain "
+        "mean of their heads; `ensemble`: with the query model's own member, weights fitted "
+        "on validation. Diversity axes: the same architecture with other seeds, with other "
+        "data subsets, and other architectures.\n\n"
+        "| models | N | subsets | Recall@1 mean | Recall@1 ensemble | MAP@R mean | "
+        "MAP@R ensemble |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+    )
+
+
+def _gallery_drop_sentence(report: dict) -> str:
+    drop = report["rejection"]["gallery_drop"]
+    per_class = report.get("split", {}).get("gallery_images_per_class")
+    change = drop["score"][-1] - drop["score"][0]
+    cov = drop["coverage"][-1]
+    verdict = "lifts" if change > 0 else "lowers"
+    why = (
+        "with many images per class, dropping an uncertain one leaves others to match"
+        if change > 0
+        else "with few images per class, a dropped image is often a query's only match, so "
+        "removing gallery items costs more than the confusions it avoids; reject at query "
+        "time instead"
+    )
+    count = f" (median {per_class:g} gallery images per class)" if per_class else ""
+    return (
+        f"`gallery_drop`: keeping {100 * cov:.0f}% of the gallery {verdict} the queries' "
+        f"Recall@1 from {_pct(drop['score'][0])} to {_pct(drop['score'][-1])}{count}: {why}."
+    )
+
+
+def _recommendation(report: dict) -> str:
+    rec = report.get("recommendation")
+    if not rec:
+        return ""
+    v = rec["validation"]
+    weights = ", ".join(f"{n} {w:g}" for n, w in rec["weights"].items())
+    best, runner = rec["setting"], rec["runner_up"]
+    deploy = (
+        f"Build the gallery in **{rec['mode']}** mode with members {', '.join(rec['members'])} "
+        f"(fusion weights {weights}); `cmce-build-gallery build --experiment DIR` and "
+        "`cmce-export --experiment DIR` use this choice by default."
+    )
+    if not best.startswith(("unified:", "to-query:")):
+        deploy = (
+            f"On validation **{best}** beats every head setting; if you still deploy heads, the "
+            f"best is {rec['heads_setting']}. " + deploy
+        )
+    return (
+        f"Chosen on the validation split ({report.get('split', {}).get('validation', 'held out')}"
+        f"), never on the search classes: **{best}** with validation Recall@1 "
+        f"{_pct(v[best]['recall_at_1'])} and MAP@R {_pct(v[best]['map_at_r'])}, "
+        f"{100 * rec['margin_recall_at_1']:+.2f} Recall@1 points over the runner-up {runner} "
+        f"(query model alone: {_pct(v['sym:query']['recall_at_1'])}). On the search classes it "
+        f"ranks #{rec['search_rank']} of the deployable settings.\n\n" + deploy
+    )
+
+
+def _plot_against_n(report: dict, path: Path) -> Path:
+    plt = _pyplot()
+    curves = {f"{m} (line-up)": c for m, c in report.get("against_n", {}).items()}
+    curves.update({a: c for a, c in report.get("diversity", {}).get("axes", {}).items()})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, key, title in ((axes[0], "recall_at_1", "Recall@1"), (axes[1], "map_at_r", "MAP@R")):
+        for label, c in curves.items():
+            n = [r["n"] for r in c["rows"]]
+            ax.plot(n, [100 * r[f"ensemble_{key}"] for r in c["rows"]], marker="o", label=label)
+            ax.plot(
+                n,
+                [100 * r[f"mean_{key}"] for r in c["rows"]],
+                marker=".",
+                linestyle="--",
+                label=f"{label}, plain mean",
+            )
+        sq = report["settings"]["sym:query"][key]
+        ax.axhline(100 * sq, color="#8c8c8c", linestyle=":", label="sym:query")
+        ax.set_xlabel("gallery models N")
+        ax.set_ylabel(f"{title} (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{report['dataset']}: accuracy against N")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
 
 
 def _pyplot():

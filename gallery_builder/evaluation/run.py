@@ -1,13 +1,19 @@
-"""The evaluation of the reference experiment: every setting, rejection and the update study.
+"""The evaluation of the reference experiment: every setting, rejection, accuracy against N,
+the update study and the recommendation.
 
 Settings (exact search, mean +- std over head-training seeds where heads are involved):
 ``sym:query`` query model on both sides; ``sym:G`` gallery model G on both sides (reference);
 ``kd:G`` a distilled query model searched against G's own index; ``MODE:G`` one gallery model
-through its head (N = 1); ``MODE:ensemble`` all N, fused; MODE in ``unified`` / ``to-query``.
+through its head (N = 1); ``MODE:mean`` the paper's plain mean of the N heads;
+``MODE:ensemble`` the N heads and the query model's own embedding of the gallery image (the
+identity member), fused with weights fitted on the validation classes. MODE is ``unified`` or
+``to-query``. Everything that is chosen (weights, the recommended setting) is chosen on the
+validation split, never on the search classes.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from contextlib import contextmanager
@@ -24,6 +30,7 @@ from gallery_builder.evaluation.experiment import (
     get_model,
     load_splits,
 )
+from gallery_builder.evaluation.fusion_fit import fit_weights, write_recommendation
 from gallery_builder.evaluation.metrics import recall_at_1, retrieval_metrics, search
 from gallery_builder.evaluation.rejection import (
     GALLERY_COVERAGE,
@@ -34,23 +41,30 @@ from gallery_builder.evaluation.rejection import (
     rank_average,
     selective_scores,
 )
-from gallery_builder.training.fit import embed
-from gallery_builder.training.heads import MODES, HeadSet, save_heads, train_heads, train_query_head
+from gallery_builder.training.fit import embed, embed_views
+from gallery_builder.training.heads import (
+    MODES,
+    QUERY_MEMBER,
+    HeadSet,
+    save_heads,
+    train_heads,
+    train_query_head,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["run_experiment"]
 
+_PARTS = ("val_gallery", "val_query", "gallery", "query")
+
 
 class _Embeddings:
-    """A model's embeddings of the train, gallery and query images, and with ``mirrored`` of
-    the train images' mirror images (the distilled baselines' augmentation)."""
+    """A model's embeddings of the train, validation and search images."""
 
-    def __init__(self, model, splits: Splits, name: str, mirrored: bool = False) -> None:
+    def __init__(self, model, splits: Splits, name: str) -> None:
         self.train = embed(model, splits.train.images, progress=f"{name} train")
-        self.train_mirrored = embed(model, splits.train.images, flip=True) if mirrored else None
-        self.gallery = embed(model, splits.gallery.images)
-        self.query = embed(model, splits.query.images)
+        for part in _PARTS:
+            setattr(self, part, embed(model, getattr(splits, part).images))
 
 
 class _Stopwatch:
@@ -63,8 +77,31 @@ class _Stopwatch:
     def __call__(self, stage: str):
         start = time.perf_counter()
         yield
-        self.seconds[stage] = round(time.perf_counter() - start, 1)
+        self.seconds[stage] = round(time.perf_counter() - start + self.seconds.get(stage, 0), 1)
         log.info("%s: %.0f s", stage, self.seconds[stage])
+
+
+class _Scorer:
+    """Retrieval metrics of query vectors against gallery vectors, on the search split
+    (``gallery``/``query``) or the validation split (``val_gallery``/``val_query``)."""
+
+    def __init__(self, splits: Splits) -> None:
+        self.labels = {p: torch.as_tensor(getattr(splits, p).labels) for p in _PARTS}
+
+    def __call__(self, q: torch.Tensor, g: torch.Tensor, val: bool = False) -> dict:
+        prefix = "val_" if val else ""
+        return retrieval_metrics(
+            q, self.labels[prefix + "query"], g, self.labels[prefix + "gallery"]
+        )
+
+    def objective(self, q: torch.Tensor) -> callable:
+        """What the validation choices maximise: Recall@1 + MAP@R of ``q`` against a gallery."""
+
+        def score(g: torch.Tensor) -> float:
+            m = self(q, g, val=True)
+            return m["recall_at_1"] + m["map_at_r"]
+
+        return score
 
 
 def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
@@ -74,93 +111,142 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
     models_dir = out / "models"
     splits = load_splits(cfg)
     log.info(splits.protocol)
-    # heads train on the originals: adding their mirror images doubled the heads' training time
-    # and did not lift the ensemble (Fashion-MNIST demo, unified mode, 3 seeds)
-    train_labels = torch.as_tensor(splits.train.labels)
-    gl = torch.as_tensor(splits.gallery.labels)
-    ql = torch.as_tensor(splits.query.labels)
+    score = _Scorer(splits)
 
     with stage("gallery models"):
         gallery = {
             ms.name: get_model(ms, cfg, splits.train, models_dir, "gallery")
             for ms in cfg.gallery_models
         }
+    with stage("diversity models"):
+        extra = {
+            ms.name: get_model(ms, cfg, splits.train, models_dir, "gallery")
+            for ms in cfg.diversity_models
+        }
     with stage("query models"):
         query, query_cfg = get_model(cfg.query_model, cfg, splits.train, models_dir, "query")
         old_query, _ = get_model(cfg.old_query_model, cfg, splits.train, models_dir, "query")
-    with stage("embeddings"):
-        eg = {g: _Embeddings(m, splits, g, mirrored=True) for g, (m, _) in gallery.items()}
-        eq = _Embeddings(query, splits, "query")
-        eoq = _Embeddings(old_query, splits, "query-old")
     with stage("distilled models"):
         distilled = {
-            g: get_distilled(
-                cfg.query_model,
-                g,
-                eg[g].train,
-                eg[g].train_mirrored,
-                c["fingerprint"],
-                cfg,
-                splits.train,
-                models_dir,
-            )
-            for g, (_, c) in gallery.items()
+            g: get_distilled(cfg.query_model, g, m, c["fingerprint"], cfg, splits.train, models_dir)
+            for g, (m, c) in gallery.items()
         }
-    raw_train = {g: e.train for g, e in eg.items()}
-    raw_gallery = {g: e.gallery for g, e in eg.items()}
+    with stage("embeddings"):
+        eg = {g: _Embeddings(m, splits, g) for g, (m, _) in {**gallery, **extra}.items()}
+        eq = _Embeddings(query, splits, "query")
+        eoq = _Embeddings(old_query, splits, "query-old")
+        # heads see embeddings, not pixels: random views of the training images are their
+        # augmentation (every model embeds the same view)
+        views = embed_views(
+            {
+                **{g: m for g, (m, _) in {**gallery, **extra}.items()},
+                "query": query,
+                "query-old": old_query,
+            },
+            splits.train.images,
+            cfg.query_model.train.augment,
+            cfg.heads_views,
+            seed=cfg.head_seeds[0],
+        )
+    all_train = {g: torch.cat([eg[g].train, views[g]]) for g in eg}
+    head_train = {g: all_train[g] for g in gallery}
+    q_train = torch.cat([eq.train, views["query"]])
+    oq_train = torch.cat([eoq.train, views["query-old"]])
+    labels = torch.as_tensor(splits.train.labels).repeat(1 + cfg.heads_views)
 
-    def metrics(q, g):
-        return retrieval_metrics(q, ql, g, gl)
+    settings: dict[str, dict] = {}
+    val: dict[str, dict] = {}
 
-    settings: dict[str, dict] = {"sym:query": metrics(eq.query, eq.gallery)}
+    def record(name: str, q_of, g_of) -> None:
+        """``q_of(val)`` and ``g_of(val)`` give the query and gallery vectors of a split."""
+        settings[name] = score(q_of(False), g_of(False))
+        val[name] = score(q_of(True), g_of(True), val=True)
+
+    def part(e, side: str):
+        return lambda v: getattr(e, ("val_" if v else "") + side)
+
+    record("sym:query", part(eq, "query"), part(eq, "gallery"))
     for g in gallery:
-        settings[f"sym:{g}"] = metrics(eg[g].query, eg[g].gallery)
-    for g, (m, _) in distilled.items():
-        settings[f"kd:{g}"] = metrics(embed(m, splits.query.images), eg[g].gallery)
+        record(f"sym:{g}", part(eg[g], "query"), part(eg[g], "gallery"))
+    with stage("embeddings"):
+        ekd = {g: _Embeddings(m, splits, f"kd-{g}") for g, (m, _) in distilled.items()}
+    for g in gallery:
+        record(f"kd:{g}", part(ekd[g], "query"), part(eg[g], "gallery"))
 
+    raw = {
+        p: {**{g: getattr(eg[g], p) for g in gallery}, QUERY_MEMBER: getattr(eq, p)} for p in _PARTS
+    }
     runs: dict[str, list[dict]] = {}
-    first: dict[str, tuple[HeadSet, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    val_runs: dict[str, list[dict]] = {}
+    first: dict[str, dict] = {}
     for mode in MODES:
         for seed in cfg.head_seeds:
-            with stage(f"{mode} heads, seed {seed}"):
+            with stage(f"{mode} heads"):
                 heads = train_heads(
                     mode,
-                    raw_train,
-                    eq.train,
-                    train_labels,
+                    head_train,
+                    q_train,
+                    labels,
                     replace(cfg.heads, seed=seed),
                     dim=cfg.unified_dim if mode == "unified" else None,
+                    identity=True,
                 )
-            qv = heads.encode_query(eq.query)
-            for g in gallery:
-                gv, _ = heads.encode_gallery(raw_gallery, [g])
-                runs.setdefault(f"{mode}:{g}", []).append(metrics(qv, gv))
-            gv, unc = heads.encode_gallery(raw_gallery)
-            runs.setdefault(f"{mode}:ensemble", []).append(metrics(qv, gv))
+            result = _evaluate_heads(heads, raw, score)
+            for name, (search_m, val_m) in result["settings"].items():
+                runs.setdefault(f"{mode}:{name}", []).append(search_m)
+                val_runs.setdefault(f"{mode}:{name}", []).append(val_m)
             if mode not in first:
-                first[mode] = (heads, gv, unc, qv)
-                save_heads(
-                    out / "heads" / mode,
-                    heads,
-                    query_cfg["fingerprint"],
-                    {g: c["fingerprint"] for g, (_, c) in gallery.items()},
-                    cfg.heads,
-                    {"data": splits.train.name, "images": len(train_labels)},
-                )
+                first[mode] = {"heads": heads, **result}
     for name, values in runs.items():
         settings[name] = _mean_std(values)
-    for name in settings:
-        settings[name].setdefault("recall_at_1_std", 0.0)
+        val[name] = _mean_std(val_runs[name])
+    for table in (settings, val):
+        for name in table:
+            table[name].setdefault("recall_at_1_std", 0.0)
+            table[name].setdefault("map_at_r_std", 0.0)
 
-    default_mode = max(MODES, key=lambda m: settings[f"{m}:ensemble"]["recall_at_1"])
-    heads, gv, unc, qv = first[default_mode]
+    recommendation = _recommend(val, settings, first)
+    default_mode = recommendation["mode"]
+    for mode, f in first.items():
+        f["heads"].set_weights(recommendation["weights"] if mode == default_mode else f["weights"])
+        save_heads(
+            out / "heads" / mode,
+            f["heads"],
+            query_cfg["fingerprint"],
+            {g: c["fingerprint"] for g, (_, c) in gallery.items()},
+            cfg.heads,
+            {"data": splits.train.name, "images": len(splits.train), "views": cfg.heads_views},
+        )
+    write_recommendation(out, recommendation, cfg.query_model.name)
+    with stage("accuracy against N"):
+        against_n = {mode: _against_n(f["heads"], raw, score) for mode, f in first.items()}
+        diversity = {}
+        for axis, names in cfg.diversity.items():
+            axis_heads = train_heads(
+                default_mode,
+                {g: all_train[g] for g in names},
+                q_train,
+                labels,
+                replace(cfg.heads, seed=cfg.head_seeds[0]),
+                dim=cfg.unified_dim if default_mode == "unified" else None,
+                identity=True,
+            )
+            axis_raw = {
+                p: {**{g: getattr(eg[g], p) for g in names}, QUERY_MEMBER: getattr(eq, p)}
+                for p in _PARTS
+            }
+            diversity[axis] = {"models": names, **_against_n(axis_heads, axis_raw, score)}
     with stage("rejection"):
-        rejection = _rejection(gv, unc, qv, gl, ql)
+        f = first[default_mode]
+        heads = f["heads"]
+        gv, unc = heads.encode_gallery(raw["gallery"])
+        qv = heads.encode_query(eq.query)
+        rejection = _rejection(gv, unc, qv, score.labels["gallery"], score.labels["query"])
     with stage("update study"):
         update = {
             "mode": default_mode,
             "modes": _update_study(
-                cfg, raw_train, raw_gallery, eq, eoq, train_labels, gl, ql, first
+                cfg, head_train, raw, eq, eoq, q_train, oq_train, labels, score, first
             ),
         }
     update.update(update["modes"][default_mode])
@@ -176,24 +262,140 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
         for name, (_, c) in {
             **gallery,
             "query": (query, query_cfg),
+            **extra,
             **{f"kd-{g}": v for g, v in distilled.items()},
         }.items()
     }
     return {
         "dataset": cfg.dataset,
         "protocol": splits.protocol,
+        "open_set": splits.open_set,
+        "split": splits.split,
         "default_mode": default_mode,
         "settings": settings,
+        "validation": val,
+        "recommendation": recommendation,
+        "against_n": against_n,
+        "diversity": {"mode": default_mode, "axes": diversity},
         "rejection": rejection,
         "update": update,
         "models": models,
         "head_seeds": list(cfg.head_seeds),
         "stage_seconds": stage.seconds,
-        "sizes": {
-            "train": len(splits.train),
-            "gallery": len(splits.gallery),
-            "query": len(splits.query),
-        },
+        "sizes": {p: len(getattr(splits, p)) for p in ("train", *_PARTS)},
+    }
+
+
+def _evaluate_heads(heads: HeadSet, raw: dict, score: _Scorer) -> dict:
+    """One head set's settings on search and validation: each gallery model alone, the plain
+    mean, and the ensemble with the identity member fused by weights fitted on validation."""
+    q = {v: heads.encode_query(raw["val_query" if v else "query"][QUERY_MEMBER]) for v in (0, 1)}
+    member = {
+        v: {
+            n: heads.transform_gallery(n, raw["val_gallery" if v else "gallery"][n].float())
+            for n in heads.members
+        }
+        for v in (0, 1)
+    }
+    with torch.no_grad():
+        weights, _ = fit_weights(member[1], score.objective(q[1]))
+    out = {}
+
+    def add(name: str, names: list[str], w: dict[str, float] | None) -> None:
+        out[name] = tuple(
+            score(
+                q[v],
+                heads.encode_gallery(raw["val_gallery" if v else "gallery"], names, w)[0],
+                val=bool(v),
+            )
+            for v in (0, 1)
+        )
+
+    for g in heads.names:
+        add(g, [g], None)
+    add("mean", heads.names, dict.fromkeys(heads.names, 1.0))
+    add("ensemble", heads.members, weights)
+    return {"settings": out, "weights": weights}
+
+
+def _against_n(heads: HeadSet, raw: dict, score: _Scorer) -> dict:
+    """Recall@1 and MAP@R on the search classes against the number of gallery models N: the
+    mean over every subset of N models, for the plain mean of their heads and for the
+    ensemble (the subset plus the identity member, weights fitted on validation)."""
+    q = {v: heads.encode_query(raw["val_query" if v else "query"][QUERY_MEMBER]) for v in (0, 1)}
+    rows = []
+    for n in range(1, len(heads.names) + 1):
+        mean, ens = [], []
+        for subset in itertools.combinations(heads.names, n):
+            names = list(subset)
+            mean.append(
+                score(
+                    q[0], heads.encode_gallery(raw["gallery"], names, dict.fromkeys(names, 1.0))[0]
+                )
+            )
+            members = {
+                m: heads.transform_gallery(m, raw["val_gallery"][m].float())
+                for m in [*names, QUERY_MEMBER]
+            }
+            with torch.no_grad():
+                w, _ = fit_weights(members, score.objective(q[1]))
+            ens.append(score(q[0], heads.encode_gallery(raw["gallery"], list(w), w)[0]))
+        rows.append(
+            {
+                "n": n,
+                "subsets": len(mean),
+                **{
+                    f"mean_{k}": float(np.mean([m[k] for m in mean]))
+                    for k in ("recall_at_1", "map_at_r")
+                },
+                **{
+                    f"ensemble_{k}": float(np.mean([m[k] for m in ens]))
+                    for k in ("recall_at_1", "map_at_r")
+                },
+            }
+        )
+    return {"rows": rows}
+
+
+def _recommend(val: dict, settings: dict, first: dict) -> dict:
+    """The deployable setting that wins on the validation split (Recall@1 + MAP@R), with its
+    margin over the runner-up and over the query model alone; ``sym:G`` is a reference, not a
+    choice (the phone runs the query model)."""
+
+    def value(name: str) -> float:
+        return val[name]["recall_at_1"] + val[name]["map_at_r"]
+
+    candidates = sorted(
+        (n for n in val if not n.startswith("sym:") or n == "sym:query"), key=value, reverse=True
+    )
+    best, runner_up = candidates[0], candidates[1]
+    head_settings = [n for n in candidates if n.split(":")[0] in first]
+    mode_setting = head_settings[0]
+    mode = mode_setting.split(":")[0]
+    member = mode_setting.split(":", 1)[1]
+    f = first[mode]
+    if member == "ensemble":
+        weights = f["weights"]
+    elif member == "mean":
+        weights = {n: float(n != QUERY_MEMBER) for n in f["heads"].members}
+    else:
+        weights = {n: float(n == member) for n in f["heads"].members}
+    return {
+        "setting": best,
+        "mode": mode,
+        "heads_setting": mode_setting,
+        "members": [n for n, w in weights.items() if w > 0],
+        "weights": weights,
+        "validation": {n: val[n] for n in (best, runner_up, "sym:query")},
+        "margin_recall_at_1": val[best]["recall_at_1"] - val[runner_up]["recall_at_1"],
+        "runner_up": runner_up,
+        "search": {n: settings[n] for n in (best, runner_up)},
+        "search_rank": sorted(
+            (n for n in settings if not n.startswith("sym:") or n == "sym:query"),
+            key=lambda n: settings[n]["recall_at_1"] + settings[n]["map_at_r"],
+            reverse=True,
+        ).index(best)
+        + 1,
     }
 
 
@@ -206,27 +408,31 @@ def _mean_std(values: list[dict]) -> dict:
     return out
 
 
-def _update_study(cfg, raw_train, raw_gallery, eq, eoq, train_labels, gl, ql, first) -> dict:
+def _update_study(cfg, head_train, raw, eq, eoq, q_train, oq_train, labels, score, first) -> dict:
     """Old query model (less data, shorter training) vs a new one, against one gallery that no
     gallery model is run for again."""
     s = replace(cfg.heads, seed=cfg.head_seeds[0])
+    gallery_raw = {g: raw["gallery"][g] for g in head_train}
+    gl, ql = score.labels["gallery"], score.labels["query"]
     out = {}
     # unified: the gallery is encoded once with the old space's heads and never touched again
-    old = train_heads("unified", raw_train, eoq.train, train_labels, s, dim=cfg.unified_dim)
-    gv, _ = old.encode_gallery(raw_gallery)
-    new = train_query_head(old, raw_train, eq.train, train_labels, s)
-    assert torch.equal(new.encode_gallery(raw_gallery)[0], gv)  # gallery side untouched
+    old = train_heads("unified", head_train, oq_train, labels, s, dim=cfg.unified_dim)
+    gv, _ = old.encode_gallery(gallery_raw)
+    new = train_query_head(old, head_train, q_train, labels, s)
+    assert torch.equal(new.encode_gallery(gallery_raw)[0], gv)  # gallery side untouched
     out["unified"] = {
         "old_query_recall_at_1": recall_at_1(old.encode_query(eoq.query), ql, gv, gl),
         "new_query_recall_at_1": recall_at_1(new.encode_query(eq.query), ql, gv, gl),
         "gallery_reencoded": False,
     }
     # to-query: new gallery heads into the new query space, re-projecting stored raw embeddings
-    old = train_heads("to-query", raw_train, eoq.train, train_labels, s)
-    reprojected, _ = first["to-query"][0].encode_gallery(raw_gallery)
+    old = train_heads("to-query", head_train, oq_train, labels, s)
+    reprojected, _ = first["to-query"]["heads"].encode_gallery(
+        gallery_raw, first["to-query"]["heads"].names
+    )
     out["to-query"] = {
         "old_query_recall_at_1": recall_at_1(
-            old.encode_query(eoq.query), ql, old.encode_gallery(raw_gallery)[0], gl
+            old.encode_query(eoq.query), ql, old.encode_gallery(gallery_raw)[0], gl
         ),
         "new_query_recall_at_1": recall_at_1(eq.query, ql, reprojected, gl),
         "gallery_reencoded": False,

@@ -22,7 +22,12 @@ from gallery_builder.models import load_model
 from gallery_builder.models.checkpoint import CheckpointError
 from gallery_builder.models.saving import Trust
 from gallery_builder.training.fit import embed
-from gallery_builder.training.heads import HeadSet, check_gallery_models, load_heads
+from gallery_builder.training.heads import (
+    QUERY_MEMBER,
+    HeadSet,
+    check_gallery_models,
+    load_heads,
+)
 from query_sdk.spec import InputSpec
 
 log = logging.getLogger(__name__)
@@ -48,17 +53,24 @@ class Ensemble:
         self.trust = tuple(str(t) for t in trust)
         self.models = {d.name: load_model(d, self.trust) for d in self.model_dirs}
         self.heads, self.heads_config = load_heads(self.heads_dir)
-        missing = set(self.heads.names) - set(self.models)
+        if self.heads.identity:  # the query model, whatever its folder's name, is that member
+            query_fp = self.heads_config["query_fingerprint"]
+            self.models = {
+                (QUERY_MEMBER if c["fingerprint"] == query_fp else n): (m, c)
+                for n, (m, c) in self.models.items()
+            }
+        missing = set(self.heads.members) - set(self.models)
         if missing:
             raise CheckpointError(
-                f"the heads in {heads_dir} need gallery models {sorted(self.heads.names)}; "
-                f"missing {sorted(missing)} (models are named by their folder)"
+                f"the heads in {heads_dir} need gallery models {sorted(self.heads.members)}; "
+                f"missing {sorted(missing)} (models are named by their folder; "
+                f"{QUERY_MEMBER!r} is the query model the heads belong to)"
             )
         check_gallery_models(self.heads_config, {n: c for n, (_, c) in self.models.items()})
 
     @property
     def names(self) -> list[str]:
-        return self.heads.names
+        return self.heads.members
 
     @property
     def specs(self) -> dict[str, InputSpec]:
@@ -124,7 +136,7 @@ def fuse_part(heads: HeadSet, part: Part) -> tuple[np.ndarray, np.ndarray]:
     """Gallery vectors (float32, normalised) and uncertainties of a raw part."""
     if len(part) == 0:
         return np.zeros((0, heads.dim), np.float32), np.zeros(0, np.float32)
-    raw = {n: torch.from_numpy(part.raw[n].astype(np.float32)) for n in heads.names}
+    raw = {n: torch.from_numpy(part.raw[n].astype(np.float32)) for n in heads.members}
     vectors, uncertainty = heads.encode_gallery(raw)
     return vectors.numpy().astype(np.float32), uncertainty.numpy().astype(np.float32)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -16,16 +16,19 @@ from pytorch_metric_learning.losses import NormalizedSoftmaxLoss
 from tqdm.auto import tqdm
 
 from gallery_builder.models import EmbeddingNet
+from gallery_builder.training.augment import Augment
 from query_sdk.errors import DataError
 
 __all__ = [
     "FitSettings",
     "TrainSettings",
     "check_settings",
+    "planned_epochs",
     "fit",
     "train_metric",
     "train_distilled",
     "embed",
+    "embed_views",
     "seed_everything",
 ]
 
@@ -33,12 +36,15 @@ __all__ = [
 class FitSettings(Protocol):
     """What :func:`fit` reads from a recipe's settings (:class:`TrainSettings`, ``HeadSettings``).
 
-    ``warmup`` is the share of the one-cycle schedule spent rising to ``lr``; the schedule is
-    sized for ``spare_steps`` steps per epoch beyond the batches. Both are class constants of
-    a recipe: its published figures were measured with them.
+    ``epochs`` None means "as many as ``steps`` optimiser steps take" (:func:`planned_epochs`),
+    so a budget scales with the data instead of being a fixed number of passes. ``warmup`` is
+    the share of the one-cycle schedule spent rising to ``lr``; the schedule is sized for
+    ``spare_steps`` steps per epoch beyond the batches. Both are class constants of a recipe:
+    its published figures were measured with them.
     """
 
-    epochs: int
+    epochs: int | None
+    steps: int
     batch_size: int
     lr: float
     weight_decay: float
@@ -49,8 +55,10 @@ class FitSettings(Protocol):
 
 def check_settings(s: FitSettings) -> None:
     """Raise ValueError naming the setting when :func:`fit` could not train with it."""
-    if s.epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {s.epochs}")
+    if s.epochs is not None and s.epochs < 1:
+        raise ValueError(f"epochs must be at least 1 (or unset, to follow steps), got {s.epochs}")
+    if s.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {s.steps}")
     if s.batch_size < 2:
         raise ValueError(
             f"batch size must be at least 2 (a batch of one sample is skipped), got {s.batch_size}"
@@ -59,16 +67,29 @@ def check_settings(s: FitSettings) -> None:
         raise ValueError(f"learning rate must be positive, got {s.lr}")
 
 
+def planned_epochs(s: FitSettings, n: int) -> int:
+    """Epochs of a fit over ``n`` samples: ``s.epochs``, or the passes that make ``s.steps``
+    optimiser steps (at least one, at most 500)."""
+    if s.epochs is not None:
+        return s.epochs
+    return min(500, max(1, round(s.steps / math.ceil(n / s.batch_size))))
+
+
 @dataclass
 class TrainSettings:
-    """Optimisation settings; defaults suit a 2-core CPU and 28x28 images."""
+    """Optimisation settings of an embedding model; defaults suit a 2-core CPU and small images.
 
-    epochs: int = 3
+    The budget is ``steps`` optimiser steps unless ``epochs`` is set: a small dataset gets more
+    passes, a large one fewer, where a fixed epoch count under-trains small data.
+    """
+
+    epochs: int | None = None
+    steps: int = 2000
     batch_size: int = 256
     lr: float = 3e-3
     weight_decay: float = 5e-4
     temperature: float = 0.05
-    flip: bool = True
+    augment: Augment = field(default_factory=Augment)
     seed: int = 0
     warmup: ClassVar[float] = 0.15
     spare_steps: ClassVar[int] = 0
@@ -91,18 +112,41 @@ def embed(
     model: torch.nn.Module,
     images: np.ndarray | torch.Tensor,
     batch_size: int = 1024,
-    flip: bool = False,
     progress: str | None = None,
 ) -> torch.Tensor:
-    """Embeddings of uint8 NHWC images (optionally mirrored), in eval mode."""
+    """Embeddings of uint8 NHWC images, in eval mode."""
     model.eval()
     images = torch.as_tensor(images)
     out = []
     quiet = {"disable": True} if progress is None else {}  # else TQDM_DISABLE still applies
     for start in tqdm(range(0, len(images), batch_size), desc=progress, leave=False, **quiet):
-        batch = images[start : start + batch_size]
-        out.append(model(batch.flip(2) if flip else batch))
+        out.append(model(images[start : start + batch_size]))
     return torch.cat(out) if out else torch.empty(0, getattr(model, "embedding_dim", 0))
+
+
+@torch.no_grad()
+def embed_views(
+    models: dict[str, torch.nn.Module],
+    images: np.ndarray | torch.Tensor,
+    augment: Augment,
+    views: int,
+    seed: int = 0,
+    batch_size: int = 1024,
+) -> dict[str, torch.Tensor]:
+    """Each model's embeddings of ``views`` random views of every image, (views * N, d) per
+    model: view ``v`` of image ``i`` is row ``v * N + i``, and every model sees the same view
+    (heads learn from paired embeddings)."""
+    for m in models.values():
+        m.eval()
+    images = torch.as_tensor(images)
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    for _ in tqdm(range(views), desc="views", leave=False):
+        for start in range(0, len(images), batch_size):
+            batch = augment(images[start : start + batch_size], gen)
+            for name, m in models.items():
+                out[name].append(m(batch))
+    return {name: torch.cat(parts) for name, parts in out.items()}
 
 
 def fit(
@@ -124,18 +168,18 @@ def fit(
         raise DataError(f"{desc}: {n} training samples; training needs at least 2")
     gen = seed_everything(s.seed)
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    batches = math.ceil(n / s.batch_size)
+    batches, epochs = math.ceil(n / s.batch_size), planned_epochs(s, n)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt,
         max_lr=s.lr,
-        total_steps=s.epochs * (batches + s.spare_steps),
+        total_steps=epochs * (batches + s.spare_steps),
         pct_start=s.warmup,
     )
     modules = list(modules)
     for m in modules:
         m.train()
-    with tqdm(total=s.epochs * batches, desc=desc, leave=False, unit="batch") as bar:
-        for _ in range(s.epochs):
+    with tqdm(total=epochs * batches, desc=desc, leave=False, unit="batch") as bar:
+        for _ in range(epochs):
             order = torch.randperm(n, generator=gen)
             for start in range(0, n, s.batch_size):
                 idx = order[start : start + s.batch_size]
@@ -157,20 +201,16 @@ def _fit_model(
     images: np.ndarray,
     s: TrainSettings,
     extra_params: list[torch.nn.Parameter],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     desc: str,
 ) -> EmbeddingNet:
-    """:func:`fit` an embedding model on uint8 NHWC images, each mirrored with probability 1/2
-    when ``s.flip``; ``loss_fn(embeddings, idx, flip)`` sees which were (``flip`` is None
-    without mirroring)."""
+    """:func:`fit` an embedding model on random views (``s.augment``) of uint8 NHWC images;
+    ``loss_fn(embeddings, idx, views)`` also gets the views themselves (for a teacher)."""
     images = torch.as_tensor(images)
 
     def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        batch, flip = images[idx], None
-        if s.flip:
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            batch = torch.where(flip[:, None, None, None], batch.flip(2), batch)
-        return loss_fn(model(batch), idx, flip)
+        views = s.augment(images[idx], gen)
+        return loss_fn(model(views), idx, views)
 
     fit([*model.parameters(), *extra_params], len(images), s, batch_loss, desc, [model])
     return model
@@ -193,28 +233,23 @@ def train_metric(
 def train_distilled(
     model: EmbeddingNet,
     images: np.ndarray,
-    teacher: torch.Tensor,
-    teacher_flipped: torch.Tensor,
+    teacher: torch.nn.Module,
     s: TrainSettings,
     desc: str = "distill",
 ) -> EmbeddingNet:
-    """Knowledge distillation: regress the teacher's normalised embedding (cosine/L2 loss).
-
-    ``teacher`` and ``teacher_flipped`` hold the teacher's embeddings of the images and of
-    their mirror images, so mirroring stays a valid augmentation.
-    """
-    if teacher.shape[1] != model.embedding_dim:
+    """Knowledge distillation: regress the frozen teacher's embedding of the same random view
+    (L2 between normalised embeddings), with the query model's budget and augmentation."""
+    dim = getattr(teacher, "embedding_dim", None)
+    if dim != model.embedding_dim:
         raise ValueError(
             f"the distilled model's embedding dim {model.embedding_dim} must equal the "
-            f"teacher's {teacher.shape[1]}"
+            f"teacher's {dim}"
         )
+    teacher.eval()
 
-    def loss_fn(emb, idx, flip):
-        target = (
-            teacher[idx]
-            if flip is None
-            else torch.where(flip[:, None], teacher_flipped[idx], teacher[idx])
-        )
+    def loss_fn(emb, idx, views):
+        with torch.no_grad():
+            target = teacher(views)
         return (emb - target).pow(2).sum(dim=1).mean()
 
     return _fit_model(model, images, s, [], loss_fn, desc)

@@ -36,6 +36,7 @@ from gallery_builder.training.fusion import fuse
 __all__ = [
     "MODES",
     "DEFAULT_MODE",
+    "QUERY_MEMBER",
     "Head",
     "HeadSet",
     "HeadSettings",
@@ -50,6 +51,9 @@ __all__ = [
 
 MODES = ("unified", "to-query")
 DEFAULT_MODE = "unified"
+#: The member name of the query model's own embedding of a gallery image (the identity
+#: member: no head in ``to-query`` mode, the query head in ``unified`` mode).
+QUERY_MEMBER = "query"
 
 
 class Head(nn.Module):
@@ -71,15 +75,17 @@ class Head(nn.Module):
 
 @dataclass
 class HeadSettings:
-    """Head training; the defaults are the demo's (256 wide trained as well as 512 wide at a
-    fifth of the time on Fashion-MNIST)."""
+    """Head training. The default head is linear (``layers=0``): on classes no model was
+    trained on, linear heads matched or beat 2-layer MLP heads (glyphs, to-query mode:
+    Recall@1 of the fused ensemble 88.3 vs 86.9), and they train in a fraction of the time."""
 
-    epochs: int = 10
+    epochs: int | None = 10
+    steps: int = 2000
     batch_size: int = 512
     lr: float = 2e-3
     weight_decay: float = 1e-4
     hidden: int = 256
-    layers: int = 2
+    layers: int = 0
     temperature: float = 0.05
     l2_weight: float = 1.0
     seed: int = 0
@@ -103,10 +109,17 @@ class HeadSet(nn.Module):
         num_classes: int,
         hidden: int = 512,
         layers: int = 2,
+        identity: bool = False,
+        weights: dict[str, float] | None = None,
     ) -> None:
+        """``identity`` adds the query model's own embedding of each gallery image as one more
+        member (:data:`QUERY_MEMBER`); ``weights`` are the members' fusion weights (equal when
+        None; a member may have weight 0)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if QUERY_MEMBER in gallery_dims:
+            raise ValueError(f"{QUERY_MEMBER!r} names the query model's member; rename the model")
         if mode == "to-query" and dim != query_dim:
             raise ValueError(f"to-query heads map into the query space: dim {dim} != {query_dim}")
         self.mode, self.dim, self.query_dim = mode, dim, query_dim
@@ -125,12 +138,36 @@ class HeadSet(nn.Module):
         self.classifier = (
             nn.Parameter(torch.randn(num_classes, dim) * 0.01) if mode == "unified" else None
         )
+        self.identity = identity
+        self.weights: dict[str, float] = {}
+        self.set_weights(weights)
 
     @property
     def names(self) -> list[str]:
+        """The gallery models, each with its head."""
         return list(self.gallery_dims)
 
+    @property
+    def members(self) -> list[str]:
+        """What a gallery vector fuses: the gallery models, and the query model's own
+        embedding when ``identity``."""
+        return self.names + [QUERY_MEMBER] * self.identity
+
+    def member_dim(self, name: str) -> int:
+        return self.query_dim if name == QUERY_MEMBER else self.gallery_dims[name]
+
+    def set_weights(self, weights: dict[str, float] | None) -> None:
+        """Fusion weights per member (equal when None); unknown or missing members are errors."""
+        weights = dict.fromkeys(self.members, 1.0) if weights is None else dict(weights)
+        if set(weights) != set(self.members):
+            raise ValueError(f"weights for {sorted(weights)}, members are {sorted(self.members)}")
+        if any(not w >= 0 for w in weights.values()) or not sum(weights.values()) > 0:
+            raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
+        self.weights = {n: float(weights[n]) for n in self.members}
+
     def transform_gallery(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+        if name == QUERY_MEMBER and self.identity:
+            return self.transform_query(raw)
         return self.gallery[_key(name)](raw)
 
     def transform_query(self, query_embedding: torch.Tensor) -> torch.Tensor:
@@ -140,12 +177,20 @@ class HeadSet(nn.Module):
 
     @torch.no_grad()
     def encode_gallery(
-        self, raw: dict[str, torch.Tensor], names: list[str] | None = None
+        self,
+        raw: dict[str, torch.Tensor],
+        names: list[str] | None = None,
+        weights: dict[str, float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gallery vectors and uncertainties from raw per-model embeddings (eval mode)."""
+        """Gallery vectors and uncertainties from raw per-member embeddings (eval mode): the
+        ``names`` members (default all), fused with ``weights`` (default the set's own)."""
         self.eval()
-        names = names or self.names
-        return fuse(torch.stack([self.transform_gallery(n, raw[n].float()) for n in names]))
+        names = names or self.members
+        weights = weights or self.weights
+        w = torch.tensor([weights[n] for n in names])
+        if not float(w.sum()) > 0:
+            w = torch.ones(len(names))
+        return fuse(torch.stack([self.transform_gallery(n, raw[n].float()) for n in names]), w)
 
     @torch.no_grad()
     def encode_query(self, query_embedding: torch.Tensor) -> torch.Tensor:
@@ -162,10 +207,10 @@ class HeadSet(nn.Module):
         return "unified-" + fingerprint(self.gallery_state(), {"dim": self.dim})
 
     def head_fingerprint(self, name: str) -> str:
-        prefix = f"gallery.{_key(name)}."
+        prefix = "query." if name == QUERY_MEMBER else f"gallery.{_key(name)}."
         return fingerprint(
             {k: v for k, v in self.state_dict().items() if k.startswith(prefix)},
-            {"in": self.gallery_dims[name], "out": self.dim},
+            {"in": self.member_dim(name), "out": self.dim},
         )
 
 
@@ -184,11 +229,14 @@ def train_heads(
     labels: torch.Tensor,
     s: HeadSettings | None = None,
     dim: int | None = None,
+    identity: bool = False,
 ) -> HeadSet:
     """Train the heads of one space on embeddings of the same training images.
 
     ``gallery_raw[name]`` holds G_name's embeddings (N, d_name); ``query_embedding`` is Q's
-    (N, d_q); in ``unified`` mode ``labels`` (N,) feed the shared classifier.
+    (N, d_q); in ``unified`` mode ``labels`` (N,) feed the shared classifier. ``identity``
+    makes the query model's own embedding of a gallery image one more member (it needs no
+    head of its own).
     """
     s = s or HeadSettings()
     torch.manual_seed(s.seed)
@@ -207,6 +255,7 @@ def train_heads(
         int(labels.max()) + 1,
         s.hidden,
         s.layers,
+        identity,
     )
     if mode == "to-query":
         for name in heads.names:
@@ -299,16 +348,18 @@ def save_heads(
             "num_classes": heads.num_classes,
             "hidden": heads.hidden,
             "layers": heads.layers,
+            "identity": heads.identity,
+            "weights": heads.weights,
         },
         "space_id": heads.space_id(query_fingerprint),
         "query_fingerprint": query_fingerprint,
         "gallery_models": [
             {
                 "name": n,
-                "fingerprint": gallery_fingerprints[n],
+                "fingerprint": query_fingerprint if n == QUERY_MEMBER else gallery_fingerprints[n],
                 "head_fingerprint": heads.head_fingerprint(n),
             }
-            for n in heads.names
+            for n in heads.members
         ],
         "settings": asdict(settings),
         "training": training,
@@ -359,9 +410,10 @@ def check_gallery_models(heads_config: dict, gallery_configs: dict[str, dict]) -
             raise CheckpointError(
                 f"heads have no head for gallery model {name!r}; they have {sorted(known)}"
             )
-        if cfg["embedding_dim"] != ident["gallery_dims"][name]:
+        want = ident["query_dim"] if name == QUERY_MEMBER else ident["gallery_dims"][name]
+        if cfg["embedding_dim"] != want:
             raise CheckpointError(
-                f"head {name!r} takes {ident['gallery_dims'][name]}-dim input, gallery model "
+                f"head {name!r} takes {want}-dim input, gallery model "
                 f"{name!r} ({cfg['fingerprint']}) gives {cfg['embedding_dim']}"
             )
         if known[name]["fingerprint"] != cfg["fingerprint"]:

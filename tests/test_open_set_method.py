@@ -1,0 +1,147 @@
+"""The method's parts for unseen classes: random views, step budgets, weighted fusion with the
+query model's own member, weights fitted on validation, and the recommendation file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gallery_builder.evaluation.fusion_fit import fit_weights, recommended, write_recommendation
+from gallery_builder.evaluation.metrics import retrieval_metrics
+from gallery_builder.training.augment import Augment
+from gallery_builder.training.fit import TrainSettings, planned_epochs
+from gallery_builder.training.fusion import fuse
+from gallery_builder.training.heads import (
+    QUERY_MEMBER,
+    HeadSet,
+    HeadSettings,
+    load_heads,
+    save_heads,
+    train_heads,
+)
+from query_sdk.errors import DataError
+
+
+def _images(n=8, side=12, channels=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, side, side, channels), generator=g, dtype=torch.uint8)
+
+
+def test_views_repeat_with_the_generator_and_differ_between_draws():
+    x = _images()
+    aug = Augment()
+    a = aug(x, torch.Generator().manual_seed(1))
+    b = aug(x, torch.Generator().manual_seed(1))
+    c = aug(x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert a.shape == x.shape and a.dtype == torch.float32
+    assert float(a.min()) >= 0 and float(a.max()) <= 255
+
+
+def test_identity_views_are_the_images_and_mirroring_is_off_by_default():
+    x = _images()
+    none = Augment(shift=0, scale=0, rotate=0, color=0)
+    assert torch.equal(none(x, torch.Generator()), x.float())
+    assert Augment().flip is False
+    flip_only = Augment(flip=True, shift=0, scale=0, rotate=0, color=0)
+    out = flip_only(x, torch.Generator().manual_seed(0))
+    mirrored = [torch.equal(out[i], x[i].flip(1).float()) for i in range(len(x))]
+    kept = [torch.equal(out[i], x[i].float()) for i in range(len(x))]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True)) and any(mirrored)
+
+
+@pytest.mark.parametrize("field", ["shift", "scale", "color"])
+def test_augment_bounds_are_checked(field):
+    with pytest.raises(ValueError, match=f"augment.{field}"):
+        Augment(**{field: 1.5})
+
+
+def test_step_budget_gives_small_data_more_passes():
+    s = TrainSettings(steps=1000, batch_size=100)
+    assert planned_epochs(s, 1000) == 100  # 10 batches an epoch
+    assert planned_epochs(s, 100_000) == 1
+    assert planned_epochs(TrainSettings(epochs=3), 10**6) == 3
+    with pytest.raises(ValueError, match="steps"):
+        TrainSettings(steps=0)
+
+
+def test_weighted_fusion_ignores_a_zero_weight_member():
+    t = F.normalize(torch.randn(3, 5, 8), dim=-1)
+    v, u = fuse(t, torch.tensor([1.0, 1.0, 0.0]))
+    v2, u2 = fuse(t[:2])
+    assert torch.allclose(v, v2, atol=1e-6) and torch.allclose(u, u2, atol=1e-6)
+    v1, u1 = fuse(t, torch.tensor([0.0, 2.0, 0.0]))
+    assert torch.allclose(v1, t[1], atol=1e-6) and torch.all(u1 == 0)
+    with pytest.raises(ValueError, match="non-negative"):
+        fuse(t, torch.tensor([1.0, -1.0, 1.0]))
+
+
+def _clusters(n_classes=6, per_class=8, dim=16, noise=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(n_classes, dim, generator=g), dim=-1)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    x = F.normalize(centres[labels] + noise * torch.randn(len(labels), dim, generator=g), dim=-1)
+    return x, labels
+
+
+def test_fitted_weights_drop_a_member_that_is_noise():
+    gallery, gl = _clusters(seed=1)
+    query, ql = _clusters(seed=2)
+    noise = F.normalize(torch.randn_like(gallery), dim=-1)
+
+    def score(g):
+        m = retrieval_metrics(query, ql, g, gl)
+        return m["recall_at_1"] + m["map_at_r"]
+
+    weights, best = fit_weights({"good": gallery, "noise": noise}, score)
+    assert weights["noise"] == 0 and weights["good"] > 0
+    assert best == pytest.approx(score(gallery))
+    assert best >= score(fuse(torch.stack([gallery, noise]))[0])
+
+
+def test_the_query_member_is_the_query_embedding_in_to_query_mode(tmp_path):
+    raw = {"g": torch.randn(64, 12)}
+    q = torch.randn(64, 8)
+    labels = torch.arange(64) % 4
+    heads = train_heads("to-query", raw, q, labels, HeadSettings(epochs=1), identity=True)
+    assert heads.members == ["g", QUERY_MEMBER]
+    assert torch.allclose(heads.transform_gallery(QUERY_MEMBER, q), F.normalize(q, dim=-1))
+    heads.set_weights({"g": 0.0, QUERY_MEMBER: 1.0})
+    vectors, spread = heads.encode_gallery({"g": raw["g"], QUERY_MEMBER: q})
+    assert torch.allclose(vectors, F.normalize(q, dim=-1), atol=1e-6)
+    assert torch.all(spread == 0)
+    save_heads(tmp_path / "h", heads, "qfp", {"g": "gfp"}, HeadSettings(epochs=1), {})
+    loaded, config = load_heads(tmp_path / "h")
+    assert loaded.identity and loaded.weights == {"g": 0.0, QUERY_MEMBER: 1.0}
+    assert {m["name"]: m["fingerprint"] for m in config["gallery_models"]} == {
+        "g": "gfp",
+        QUERY_MEMBER: "qfp",
+    }
+
+
+def test_weights_must_name_the_members():
+    heads = HeadSet("to-query", 8, {"g": 12}, 8, 4, identity=True)
+    with pytest.raises(ValueError, match="members"):
+        heads.set_weights({"g": 1.0})
+    with pytest.raises(ValueError, match="query model's member"):
+        HeadSet("to-query", 8, {QUERY_MEMBER: 12}, 8, 4)
+
+
+def test_recommendation_file_round_trip_and_paths_stay_inside(tmp_path):
+    rec = {"mode": "to-query", "members": ["resnet", QUERY_MEMBER], "weights": {}}
+    write_recommendation(tmp_path, rec, "query")
+    found = recommended(tmp_path)
+    assert found["heads"] == tmp_path.resolve() / "heads" / "to-query"
+    assert found["gallery_models"] == [
+        tmp_path.resolve() / "models" / "resnet",
+        tmp_path.resolve() / "models" / "query",
+    ]
+    doc = json.loads((tmp_path / "recommendation.json").read_text())
+    doc["heads"] = "../../etc"
+    (tmp_path / "recommendation.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="outside the experiment folder"):
+        recommended(tmp_path)
