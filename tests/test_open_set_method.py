@@ -89,15 +89,18 @@ def _clusters(n_classes=6, per_class=8, dim=16, noise=0.3, seed=0):
 
 
 def test_fitted_weights_drop_a_member_that_is_noise():
-    gallery, gl = _clusters(seed=1)
-    query, ql = _clusters(seed=2)
-    noise = F.normalize(torch.randn_like(gallery), dim=-1)
+    gallery, gl = _clusters(noise=0.8, seed=1)
+    query, ql = _clusters(noise=0.8, seed=2)
+    noise = F.normalize(
+        torch.randn(gallery.shape, generator=torch.Generator().manual_seed(3)), dim=-1
+    )
 
     def score(g):
         m = retrieval_metrics(query, ql, g, gl)
         return m["recall_at_1"] + m["map_at_r"]
 
-    weights, best = fit_weights({"good": gallery, "noise": noise}, score)
+    weights, best = fit_weights({"good": gallery, "noise": noise}, query, ql, gl)
+    assert score(gallery) < 2  # not a perfect separation: noise has something to spoil
     assert weights["noise"] == 0 and weights["good"] > 0
     assert best == pytest.approx(score(gallery))
     assert best >= score(fuse(torch.stack([gallery, noise]))[0])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["search", "retrieval_metrics", "recall_at_1"]
+__all__ = ["search", "retrieval_metrics", "scored_metrics", "recall_at_1"]
 
 
 @torch.no_grad()
@@ -41,23 +41,44 @@ def retrieval_metrics(
     chunk: int = 256,
 ) -> dict[str, float]:
     """Recall@1, Recall@5 and MAP@R of queries against a separate gallery, by exact search."""
+    return scored_metrics(
+        lambda start, stop: query[start:stop] @ gallery.T,
+        len(query),
+        query_labels,
+        gallery_labels,
+        chunk,
+    )
+
+
+@torch.no_grad()
+def scored_metrics(
+    scores,
+    n_queries: int,
+    query_labels: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    chunk: int = 256,
+) -> dict[str, float]:
+    """:func:`retrieval_metrics` from similarity scores: ``scores(start, stop)`` gives the
+    (stop - start, gallery) scores of those queries (fusion weights are fitted this way, from
+    precomputed per-member scores)."""
     query_labels = torch.as_tensor(query_labels)
     gallery_labels = torch.as_tensor(gallery_labels)
     counts = torch.bincount(gallery_labels, minlength=int(query_labels.max()) + 1)
     r = counts[query_labels]
-    max_r = max(int(r.max()), 5)
+    max_r = min(max(int(r.max()), 5), len(gallery_labels))
     hits1 = hits5 = map_sum = 0.0
-    for start in range(0, len(query), chunk):
-        _, idx = search(query[start : start + chunk], gallery, max_r, chunk)
-        rel = (gallery_labels[idx] == query_labels[start : start + chunk, None]).float()
+    for start in range(0, n_queries, chunk):
+        stop = min(start + chunk, n_queries)
+        _, idx = scores(start, stop).topk(max_r, dim=1)
+        rel = (gallery_labels[idx] == query_labels[start:stop, None]).float()
         hits1 += rel[:, 0].sum().item()
         hits5 += rel[:, :5].amax(dim=1).sum().item()
-        rq = r[start : start + chunk]
+        rq = r[start:stop]
         ranks = torch.arange(1, rel.shape[1] + 1)
         within_r = ranks[None, :] <= rq[:, None]
         rel = rel * within_r
         precision = rel.cumsum(dim=1) / ranks
         ap = (precision * rel).sum(dim=1) / rq.clamp(min=1)
         map_sum += ap[rq > 0].sum().item()
-    n = len(query)
+    n = n_queries
     return {"recall_at_1": hits1 / n, "recall_at_5": hits5 / n, "map_at_r": map_sum / n}

@@ -94,14 +94,9 @@ class _Scorer:
             q, self.labels[prefix + "query"], g, self.labels[prefix + "gallery"]
         )
 
-    def objective(self, q: torch.Tensor) -> callable:
-        """What the validation choices maximise: Recall@1 + MAP@R of ``q`` against a gallery."""
-
-        def score(g: torch.Tensor) -> float:
-            m = self(q, g, val=True)
-            return m["recall_at_1"] + m["map_at_r"]
-
-        return score
+    @property
+    def val_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.labels["val_query"], self.labels["val_gallery"]
 
 
 def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
@@ -298,7 +293,7 @@ def _evaluate_heads(heads: HeadSet, raw: dict, score: _Scorer) -> dict:
         for v in (0, 1)
     }
     with torch.no_grad():
-        weights, _ = fit_weights(member[1], score.objective(q[1]))
+        weights, _ = fit_weights(member[1], q[1], *score.val_labels)
     out = {}
 
     def add(name: str, names: list[str], w: dict[str, float] | None) -> None:
@@ -338,7 +333,7 @@ def _against_n(heads: HeadSet, raw: dict, score: _Scorer) -> dict:
                 for m in [*names, QUERY_MEMBER]
             }
             with torch.no_grad():
-                w, _ = fit_weights(members, score.objective(q[1]))
+                w, _ = fit_weights(members, q[1], *score.val_labels)
             ens.append(score(q[0], heads.encode_gallery(raw["gallery"], list(w), w)[0]))
         rows.append(
             {

@@ -3,6 +3,8 @@ non-overlapping patches, learned position embeddings, pre-norm encoder, mean-poo
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -40,15 +42,27 @@ class ViTBackbone(nn.Module):
         return self.norm(self.encoder(x)).mean(dim=1)
 
 
+def auto_patch(spec: InputSpec, max_tokens: int = 16) -> int:
+    """The smallest patch side dividing both image sides that gives at most ``max_tokens``
+    tokens (a 4x4 grid: on a 2-core CPU more tokens cost more than they bring at these sizes)."""
+    for p in range(1, min(spec.height, spec.width) + 1):
+        if spec.height % p == 0 and spec.width % p == 0:
+            if (spec.height // p) * (spec.width // p) <= max_tokens:
+                return p
+    return math.gcd(spec.height, spec.width)
+
+
 @register_model("vit", role="gallery")
 def vit(
     input_spec: InputSpec,
     embedding_dim: int = 128,
-    patch: int = 4,
+    patch: int | None = None,
     dim: int = 64,
     depth: int = 4,
     heads: int = 4,
     mlp_ratio: float = 2.0,
 ) -> EmbeddingNet:
+    """``patch`` None: :func:`auto_patch` for the input."""
+    patch = patch or auto_patch(input_spec)
     backbone = ViTBackbone(input_spec, patch, dim, depth, heads, mlp_ratio)
     return EmbeddingNet(backbone, dim, embedding_dim, input_spec)
