@@ -1,4 +1,6 @@
-"""Build ``hnsw_query`` (the native shard-format check) with g++ and the stock hnswlib headers.
+"""Build the native SDK: ``libcmce_query`` with CMake (:func:`build_library`), and
+``hnsw_query`` (the older shard-format check, :func:`build`) with g++; both on the stock hnswlib
+headers.
 
 The headers come from the hnswlib source distribution on PyPI, the same version as the
 installed Python hnswlib, fetched once with ``pip download`` into the cache
@@ -7,7 +9,14 @@ installed Python hnswlib, fetched once with ``pip download`` into the cache
 Flags match how pip builds hnswlib on Linux (``-O3 -march=native``), so both sides compute
 distances with the same SIMD code.
 
-Usage: ``python -m query_sdk.native.build`` prints the path of the built program.
+``build_library(variant)`` configures and builds ``query_sdk/native/CMakeLists.txt`` into
+``$CMCE_CACHE/native/<variant>`` (incremental: a second call only relinks what changed) with the
+``cmake`` (>= 3.28) and ``ninja`` of this Python environment. Variants: ``release`` (the
+default compiler); ``sanitize`` (clang, AddressSanitizer + UBSan on every target, the libFuzzer
+target ``fuzz_gallery``, no model runtime).
+
+Usage: ``python -m query_sdk.native.build [release|sanitize]`` prints the build folder;
+``python -m query_sdk.native.build hnsw_query [OUT]`` the path of the shard-format check.
 """
 
 from __future__ import annotations
@@ -23,9 +32,31 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-__all__ = ["NativeBuildError", "SOURCE", "compiler", "hnswlib_headers", "build"]
+__all__ = [
+    "NativeBuildError",
+    "SOURCE",
+    "VARIANTS",
+    "compiler",
+    "hnswlib_headers",
+    "build",
+    "build_library",
+]
 
-SOURCE = Path(__file__).with_name("hnsw_query.cpp")
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "hnsw_query.cpp"
+#: CMake cache settings per build variant of libcmce_query
+VARIANTS: dict[str, dict[str, str]] = {
+    "release": {"CMAKE_BUILD_TYPE": "Release"},
+    # clang, AddressSanitizer + UBSan on everything, and the libFuzzer target fuzz_gallery
+    "sanitize": {
+        "CMAKE_BUILD_TYPE": "RelWithDebInfo",
+        "CMCE_FUZZ": "ON",
+        "CMCE_EMBEDDER": "OFF",
+        "CMCE_BINDINGS": "OFF",
+        "CMAKE_C_COMPILER": "clang",
+        "CMAKE_CXX_COMPILER": "clang++",
+    },
+}
 FLAGS = ("-O3", "-march=native", "-std=c++14")
 _HEADER = re.compile(r"^hnswlib-[^/]+/hnswlib/([A-Za-z0-9_]+\.h)$")
 
@@ -120,8 +151,56 @@ def build(out: Path | None = None) -> Path:
     return out
 
 
+def _tool(name: str) -> str:
+    """``name`` from this Python environment's bin folder (pip's cmake / ninja), else PATH."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.is_file() else shutil.which(name)
+    if found is None:
+        raise NativeBuildError(f"no {name} found; pip install 'cmake>=3.28' ninja")
+    return found
+
+
+def _run(cmd: list[str], what: str) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        out = (done.stdout + done.stderr)[-6000:]
+        raise NativeBuildError(f"{what} failed: {' '.join(cmd)}\n{out}")
+
+
+def build_library(variant: str = "release", jobs: int = 2) -> Path:
+    """Configure (once) and build libcmce_query's CMake project; return the build folder.
+
+    The folder holds ``libcmce_query.so``, ``cmce_probe`` (and ``fuzz_gallery`` for the sanitize
+    variant); ``ctest --test-dir <folder>`` runs the CMake tests. NativeBuildError says what
+    is missing (compiler, cmake, hnswlib headers, libsodium, nlohmann-json) or what failed.
+    """
+    if variant not in VARIANTS:
+        raise NativeBuildError(f"unknown variant {variant!r}; one of {sorted(VARIANTS)}")
+    settings = VARIANTS[variant]
+    for key in ("CMAKE_CXX_COMPILER",):
+        if key in settings and shutil.which(settings[key]) is None:
+            raise NativeBuildError(
+                f"the {variant} build needs {settings[key]} (apt-get install clang)"
+            )
+    folder = _cache() / "native" / variant
+    if not (folder / "CMakeCache.txt").is_file():
+        defines = {**settings, "CMCE_HNSWLIB_INCLUDE": str(hnswlib_headers())}
+        defines["CMAKE_MAKE_PROGRAM"] = _tool("ninja")
+        defines["CMCE_PYTHON"] = sys.executable  # whose executorch wheel the embedder links
+        _run(
+            [_tool("cmake"), "-S", str(HERE), "-B", str(folder), "-G", "Ninja"]
+            + [f"-D{k}={v}" for k, v in defines.items()],
+            "configuring libcmce_query",
+        )
+    _run([_tool("cmake"), "--build", str(folder), "-j", str(jobs)], "building libcmce_query")
+    return folder
+
+
 if __name__ == "__main__":
     try:
-        print(build(Path(sys.argv[1]) if len(sys.argv) > 1 else None))
+        if sys.argv[1:2] == ["hnsw_query"]:
+            print(build(Path(sys.argv[2]) if len(sys.argv) > 2 else None))
+        else:
+            print(build_library(sys.argv[1] if len(sys.argv) > 1 else "release"))
     except NativeBuildError as exc:
         sys.exit(f"error: {exc}")
