@@ -48,7 +48,7 @@ from ._common import (
     write_outputs,
 )
 
-GALLERY_MODELS = ("resnet", "widecnn", "vit")
+GALLERY_MODELS = ("resnet", "widecnn", "vit", "query")  # "query": the query model's own member
 LARGE_SPEC = InputSpec(224, 224, 3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 LARGE_KWARGS = {"width": 32}
 

@@ -40,7 +40,7 @@ from query_sdk.gallery_format import MANIFEST_FILE, verify_gallery
 
 __all__ = ["Scenario", "run_cli", "gallery_state", "leftovers", "kill_point", "main"]
 
-GALLERY_MODELS = ("resnet", "widecnn", "vit")
+GALLERY_MODELS = ("resnet", "widecnn", "vit", "query")  # "query": the query model's own member
 OPS = ("build", "add", "remove", "reproject")
 ROOT = Path(__file__).resolve().parent.parent
 KILL_ENV, PAUSE_ENV, STEPS_ENV, NO_EXCHANGE_ENV = (

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from gallery_builder.gallery.build import BuildSettings, build
 from query_sdk.spec import InputSpec
 
-GALLERY_MODELS = ("resnet", "widecnn", "vit")
+GALLERY_MODELS = ("resnet", "widecnn", "vit", "query")  # "query": the query model's own member
 
 
 def run_smoke(command, tmp_path, *args) -> dict:

@@ -29,7 +29,7 @@ from query_sdk.gallery_format import (
 )
 from query_sdk.shards import search_shards
 
-GALLERY_MODELS = ("resnet", "widecnn", "vit")
+GALLERY_MODELS = ("resnet", "widecnn", "vit", "query")  # "query": the query model's own member
 
 
 def models_and_heads(run_dir, mode="unified"):

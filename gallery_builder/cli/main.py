@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from gallery_builder.cli.options import TRUST_FLAG, trust_option
+from gallery_builder.evaluation.config import preset_files
 from query_sdk.errors import CheckpointError, DataError, cli_errors
 from query_sdk.spec import InputSpec
 
@@ -27,13 +29,19 @@ BUILTIN_SPECS = {
 EMBEDDINGS_FILE = "train-embeddings.safetensors"
 
 
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    """``HxWxC`` (e.g. 64x64x3) as (height, width, channels)."""
+    try:
+        h, w, c = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected HxWxC such as 64x64x3, got {text!r}") from None
+    return h, w, c
+
+
 def _parse_spec(text: str | None, source: str) -> InputSpec:
     """``HxWxC`` (e.g. 64x64x3) or the built-in dataset's spec."""
     if text:
-        try:
-            h, w, c = (int(v) for v in text.lower().split("x"))
-        except ValueError:
-            raise click.BadParameter(f"expected HxWxC such as 64x64x3, got {text!r}") from None
+        h, w, c = _parse_shape(text)
         return (
             InputSpec(h, w, c)
             if c == 1
@@ -57,6 +65,7 @@ def main(verbose: bool) -> None:
     Examples:
       cmce demo --out runs/demo            # train, evaluate, report on Fashion-MNIST
       cmce demo --quick --out runs/quick   # the same on a subset, about 3 minutes
+      cmce experiment --data photos/ --out runs/photos   # the same on your class folders
       cmce data fetch fashion-mnist
       cmce train gallery --arch resnet --data fashion-mnist:train --out models/resnet
     """
@@ -73,32 +82,133 @@ def data() -> None:
 
 
 @data.command("fetch")
-@click.argument("name", type=click.Choice(["fashion-mnist"]))
+@click.argument("name", type=click.Choice(["fashion-mnist", "glyphs"]))
 @click.option(
     "--dest",
     type=click.Path(path_type=Path),
     default=None,
-    help="Folder for the IDX files (default: ~/.cache/cmce/fashion-mnist).",
+    help="Folder for the dataset (default: ~/.cache/cmce/<name>).",
 )
 @cli_errors
 def data_fetch(name: str, dest: Path | None) -> None:
-    """Get Fashion-MNIST if it is missing (apt-get download + dpkg -x, no root needed;
-    torchvision's downloader as a fallback) and print where it is."""
-    from gallery_builder.data.datasets import fetch_fashion_mnist
+    """Get a dataset if it is missing and print where it is (apt-get download + dpkg -x of
+    Debian packages, no root needed).
 
-    click.echo(fetch_fashion_mnist(dest))
+    \b
+    fashion-mnist  the IDX files (torchvision's downloader as a fallback)
+    glyphs         100 character classes rendered from the fonts of 87 font packages
+                   (about 110 MB of downloads): a class-folder root for
+                   `cmce experiment --data`; glyphs.json in it lists what was used
+    """
+    from gallery_builder.data.datasets import fetch_fashion_mnist
+    from gallery_builder.data.glyphs import fetch_glyphs
+
+    fetch = {"fashion-mnist": fetch_fashion_mnist, "glyphs": fetch_glyphs}[name]
+    click.echo(fetch(dest))
 
 
 @data.command("where")
+@click.argument("name", type=click.Choice(["fashion-mnist", "glyphs"]), default="fashion-mnist")
 @cli_errors
-def data_where() -> None:
-    """Print the folder Fashion-MNIST is read from (or how to get it)."""
+def data_where(name: str) -> None:
+    """Print the folder a dataset is read from (or how to get it)."""
     from gallery_builder.data.datasets import fashion_mnist_dir
+    from gallery_builder.data.glyphs import glyphs_dir
 
-    click.echo(fashion_mnist_dir())
+    click.echo({"fashion-mnist": fashion_mnist_dir, "glyphs": glyphs_dir}[name]())
 
 
-# ---------------------------------------------------------------- demo / eval
+# ---------------------------------------------------------------- experiment / demo / eval
+@main.command()
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
+    help="A class-folder root (one sub-folder per class), split by class.",
+)
+@click.option(
+    "--train",
+    "train_dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
+    help="Training class folders (instead of --data; validation classes come from these).",
+)
+@click.option(
+    "--gallery",
+    "gallery_dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
+    help="Gallery class folders (classes unseen in --train).",
+)
+@click.option(
+    "--query",
+    "query_dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
+    help="Query class folders (the gallery's class names).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for models (a cache reused by later runs), heads and the report.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="TOML or JSON file: line-up, recipe, split shares (keys: ExperimentConfig).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(list(preset_files())),
+    default=None,
+    help="Start from a preset's recipe (--config is laid over it).",
+)
+@click.option(
+    "--input-spec",
+    default=None,
+    help="HxWxC the images are resized to (default: their most common size and channels).",
+)
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed of the split.")
+@trust_option
+@cli_errors
+def experiment(
+    data, train_dir, gallery_dir, query_dir, out, config_file, preset, input_spec, seed, trust
+) -> None:
+    """The reference experiment on your images: train (or reuse) the gallery models, the
+    query model, the distilled baselines and the heads, evaluate every setting on classes no
+    model has seen, write report.md, report.json and PNG plots.
+
+    \b
+    With --data ROOT the classes are split (seeded): training classes, validation classes
+    held out of training (every choice is fitted on them) and search classes, whose images
+    split into gallery and queries. --train/--gallery/--query give the parts as folders.
+
+    \b
+    Examples:
+      cmce experiment --data photos/ --out runs/photos
+      cmce experiment --train t/ --gallery g/ --query q/ --config lineup.toml --out runs/x
+      cmce experiment --preset glyphs --out runs/glyphs
+    """
+    from gallery_builder.evaluation.experiment import load_config
+
+    cli = {"trust": trust}
+    if data is not None or train_dir is not None:
+        label = (data or train_dir).resolve().name
+        cli.update(dataset=label, data=data, train_dir=train_dir)
+        cli.update(gallery_dir=gallery_dir, query_dir=query_dir)
+    elif gallery_dir is not None or query_dir is not None:
+        raise click.UsageError("--gallery and --query need --train")
+    elif preset is None:
+        raise click.UsageError("give --data ROOT, or --train/--gallery/--query (or a --preset)")
+    cfg = load_config(preset, config_file, **cli)
+    if seed is not None:
+        cfg = replace(cfg, split=replace(cfg.split, seed=seed))
+    _run(cfg, out, preset or "experiment", _parse_shape(input_spec) if input_spec else None)
+
+
 @main.command()
 @click.option(
     "--out",
@@ -110,39 +220,60 @@ def data_where() -> None:
 @click.option("--quick", is_flag=True, help="A subset and fewer epochs (about 3 minutes).")
 @click.option(
     "--preset",
-    type=click.Choice(["default", "quick", "digits"]),
+    type=click.Choice(list(preset_files())),
     default=None,
-    help="Experiment preset (overrides --quick).",
+    help="Experiment preset (overrides --quick); glyphs is the open-set one.",
 )
 @cli_errors
 def demo(out: Path, quick: bool, preset: str | None) -> None:
-    """End to end on Fashion-MNIST: fetch data if missing, train (or reuse cached) models and
-    heads, evaluate every setting, write report.md, report.json and PNG plots.
+    """`cmce experiment` on a built-in dataset with a preset config: fetch the data if
+    missing, train (or reuse cached) models and heads, evaluate every setting, write
+    report.md, report.json and PNG plots. Presets: default and quick (Fashion-MNIST, closed
+    set), digits (scikit-learn's, closed set), glyphs (characters of 100 classes rendered from
+    Debian's fonts, open set).
 
     \b
     Example:
       cmce demo --out runs/demo && open runs/demo/report.md
+      cmce demo --preset glyphs --out runs/glyphs
     """
     from gallery_builder.data.datasets import fetch_fashion_mnist
-    from gallery_builder.evaluation.experiment import PRESETS
+    from gallery_builder.data.glyphs import fetch_glyphs
+    from gallery_builder.evaluation.experiment import load_config
+
+    preset = preset or ("quick" if quick else "default")
+    cfg = load_config(preset)
+    if cfg.dataset == "fashion-mnist":
+        fetch_fashion_mnist()
+    elif cfg.dataset == "glyphs":
+        cfg = replace(cfg, data=fetch_glyphs())
+    _run(cfg, out, preset)
+    if cfg.dataset == "fashion-mnist":
+        _write_sample_queries(out / "queries")
+        click.echo(_next_steps(out))
+
+
+def _run(
+    cfg: ExperimentConfig, out: Path, label: str, shape: tuple[int, int, int] | None = None
+) -> dict:
+    """Complete the input spec, check the line-up, run, write and print the report."""
+    from gallery_builder.evaluation.experiment import check_lineup, with_input_spec
     from gallery_builder.evaluation.report import settings_table, write_report
     from gallery_builder.evaluation.run import run_experiment
 
-    preset = preset or ("quick" if quick else "default")
-    cfg = PRESETS[preset]()
-    if cfg.dataset == "fashion-mnist":
-        fetch_fashion_mnist()
+    cfg = with_input_spec(cfg, shape)
+    check_lineup(cfg)
     start = time.time()
     report = run_experiment(cfg, out)
-    report["preset"], report["seconds"] = preset, round(time.time() - start, 1)
+    report["preset"], report["seconds"] = label, round(time.time() - start, 1)
+    report["config"] = cfg.to_dict()
     files = write_report(report, out)
+    click.echo(f"Protocol: {report['protocol']}\n")
     click.echo(settings_table(report))
     click.echo(
-        f"\n{preset} run took {report['seconds']:.0f} s; wrote " + ", ".join(str(f) for f in files)
+        f"\n{label} run took {report['seconds']:.0f} s; wrote " + ", ".join(str(f) for f in files)
     )
-    if cfg.dataset == "fashion-mnist":
-        _write_sample_queries(out / "queries")
-        click.echo(_next_steps(cfg, out, report["default_mode"]))
+    return report
 
 
 def _write_sample_queries(folder: Path, n: int = 10) -> None:
@@ -158,17 +289,15 @@ def _write_sample_queries(folder: Path, n: int = 10) -> None:
         Image.fromarray(test.images[i, :, :, 0]).save(folder / f"test-{i:05d}-{name.lower()}.png")
 
 
-def _next_steps(cfg: ExperimentConfig, out: Path, mode: str) -> str:
-    """The commands that take a demo run's models to a gallery, a bundle and a search."""
-    models = " ".join(f"--models {out / 'models' / g.name}" for g in cfg.gallery_models)
-    heads = out / "heads" / mode
+def _next_steps(out: Path) -> str:
+    """The commands that take a demo run's recommendation to a gallery, a bundle and a search."""
     return (
-        "\nNext: a gallery, the phone's model and a search (export needs pip install -e "
-        "'.[export]'):\n"
-        f"  cmce-build-gallery build {models} --heads {heads} --images fashion-mnist:train "
+        "\nNext: a gallery, the phone's model and a search with what the run recommends "
+        "(export needs pip install -e '.[export]'):\n"
+        f"  cmce-build-gallery build --experiment {out} --images fashion-mnist:train "
         f"--out {out / 'gallery'}\n"
-        f"  cmce-export --model {out / 'models' / cfg.query_model.name} --heads {heads} "
-        "--target onnx --quantize int8 --calibration fashion-mnist:train "
+        f"  cmce-export --experiment {out} --target onnx --quantize int8 "
+        "--calibration fashion-mnist:train "
         f"--validation fashion-mnist:test --gallery {out / 'gallery'} --out {out / 'bundle'}\n"
         f"  cmce-query --bundle {out / 'bundle'} --gallery {out / 'gallery'} "
         f"{out / 'queries'}/*.png"
@@ -284,9 +413,31 @@ def _train_options(fn):
                 type=click.Path(path_type=Path),
                 help="Checkpoint folder to write.",
             ),
-            click.option("--epochs", default=3, show_default=True),
-            click.option("--batch-size", default=256, show_default=True),
-            click.option("--lr", default=3e-3, show_default=True),
+            click.option(
+                "--epochs",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Passes over the data (default: as many as --steps take).",
+            ),
+            click.option(
+                "--steps",
+                type=click.IntRange(min=1),
+                default=2000,
+                show_default=True,
+                help="Optimiser steps when --epochs is not given; small data get more passes.",
+            ),
+            click.option(
+                "--batch-size", type=click.IntRange(min=2), default=256, show_default=True
+            ),
+            click.option(
+                "--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True
+            ),
+            click.option(
+                "--flip/--no-flip",
+                default=False,
+                show_default=True,
+                help="Mirror half the training views (photos yes, text no).",
+            ),
             click.option("--seed", default=0, show_default=True),
             click.option(
                 "--subset",
@@ -308,8 +459,10 @@ def _fit(
     input_spec,
     out,
     epochs,
+    steps,
     batch_size,
     lr,
+    flip,
     seed,
     subset,
     role,
@@ -327,15 +480,26 @@ def _fit(
         registered_identity,
         save_model,
     )
-    from gallery_builder.training.fit import TrainSettings, embed, train_distilled, train_metric
+    from gallery_builder.training.augment import Augment
+    from gallery_builder.training.fit import TrainSettings, train_distilled, train_metric
+    from query_sdk.fileio import parse_json
 
     if model_role(arch) != role and teacher_dir is None:
         click.echo(f"note: {arch} is registered as a {model_role(arch)} architecture", err=True)
     spec = _parse_spec(input_spec, source)
     images = load_source(source, spec)
     index = _subset_index(len(images), subset, seed)
-    kw = json.loads(kwargs) if kwargs else {}
-    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    kw = parse_json(kwargs, "--kwargs", click.BadParameter) if kwargs else {}
+    if not isinstance(kw, dict):
+        raise click.BadParameter(f"--kwargs must be a JSON object, got {kwargs!r}")
+    settings = TrainSettings(
+        epochs=epochs,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        augment=Augment(flip=flip),
+        seed=seed,
+    )
     torch.manual_seed(seed)
     training = {
         "data": images.name,
@@ -352,8 +516,7 @@ def _fit(
             )
         embedding_dim = teacher.embedding_dim
         model = create_model(arch, spec, embedding_dim, **kw)
-        x = images.images[index]
-        train_distilled(model, x, embed(teacher, x), embed(teacher, x, flip=True), settings)
+        train_distilled(model, images.images[index], teacher, settings)
         training.update(loss="distill_l2", teacher=tcfg["fingerprint"])
     else:
         model = create_model(arch, spec, embedding_dim, **kw)

@@ -40,6 +40,9 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "SYSTEM_DATA_DIRS",
     "DataError",
+    "apt_download",
+    "cache_dir",
+    "dpkg_extract",
     "DatasetMissing",
     "ImageSet",
     "fashion_mnist_dir",
@@ -81,7 +84,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _DEB_NAME = "dataset-fashion-mnist"
 _DEB_DATA_DIR = Path("usr/share/datasets/fashion-mnist")
 _SPLITS = {"train": ("train", 60000), "test": ("t10k", 10000)}
-_BUILTIN_SOURCES = ("fashion-mnist:train", "fashion-mnist:test", "digits")
+_BUILTIN_SOURCES = ("fashion-mnist:train", "fashion-mnist:test", "digits", "glyphs")
 
 
 class DatasetMissing(DataError):
@@ -183,10 +186,11 @@ def read_idx(path: Path) -> np.ndarray:
 # ------------------------------------------------------------------------------ Fashion-MNIST
 
 
-def _cache_dir() -> Path:
+def cache_dir(name: str = "fashion-mnist") -> Path:
+    """``${XDG_CACHE_HOME:-~/.cache}/cmce/<name>``: where fetched datasets are kept."""
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
-    return base / "cmce" / "fashion-mnist"
+    return base / "cmce" / name
 
 
 def _search_dirs() -> list[Path]:
@@ -195,7 +199,7 @@ def _search_dirs() -> list[Path]:
     if env:
         base = Path(env).expanduser()
         dirs += [base, base / "fashion-mnist"]
-    dirs.append(_cache_dir())
+    dirs.append(cache_dir())
     dirs += [Path(d) for d in SYSTEM_DATA_DIRS]
     return dirs
 
@@ -272,13 +276,18 @@ def _apt_lists_empty() -> bool:
     return not any(lists.glob("*_Packages*")) if lists.is_dir() else True
 
 
-def _fetch_with_apt(workdir: Path) -> dict[str, Path]:
-    """``apt-get download`` + ``dpkg -x`` the Debian package inside ``workdir``."""
+def apt_download(packages: Sequence[str], workdir: Path) -> list[Path]:
+    """``apt-get download`` the Debian ``packages`` into ``workdir`` (no root needed).
+
+    When that fails, we are root and the apt lists are empty, ``apt-get update`` runs once and
+    the download is retried. Returns the ``.deb`` files, one per package, in the given order;
+    RuntimeError (with apt's last lines) when a package cannot be downloaded.
+    """
 
     def download() -> subprocess.CompletedProcess:
-        logger.info("running apt-get download %s", _DEB_NAME)
+        logger.info("running apt-get download %s", " ".join(packages))
         return subprocess.run(
-            ["apt-get", "download", _DEB_NAME],
+            ["apt-get", "download", *packages],
             cwd=workdir,
             capture_output=True,
             text=True,
@@ -295,16 +304,28 @@ def _fetch_with_apt(workdir: Path) -> dict[str, Path]:
         result = download()
     if result.returncode != 0:
         raise RuntimeError(f"apt-get download failed: {_tail(result.stderr or result.stdout)}")
-    debs = sorted(workdir.glob(f"{_DEB_NAME}_*.deb"))
-    if not debs:
-        raise RuntimeError("apt-get download succeeded but left no .deb file")
-    unpacked = workdir / "root"
-    logger.info("unpacking %s", debs[0].name)
-    result = subprocess.run(
-        ["dpkg", "-x", str(debs[0]), str(unpacked)], capture_output=True, text=True
-    )
+    debs = []
+    for name in packages:
+        found = sorted(workdir.glob(f"{name}_*.deb"))
+        if not found:
+            raise RuntimeError(f"apt-get download succeeded but left no {name}_*.deb file")
+        debs.append(found[0])
+    return debs
+
+
+def dpkg_extract(deb: Path, dest: Path) -> None:
+    """Unpack the files of ``deb`` into ``dest`` with ``dpkg -x`` (no root needed)."""
+    logger.info("unpacking %s", deb.name)
+    result = subprocess.run(["dpkg", "-x", str(deb), str(dest)], capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"dpkg -x failed: {_tail(result.stderr)}")
+        raise RuntimeError(f"dpkg -x {deb.name} failed: {_tail(result.stderr)}")
+
+
+def _fetch_with_apt(workdir: Path) -> dict[str, Path]:
+    """``apt-get download`` + ``dpkg -x`` the Debian package inside ``workdir``."""
+    (deb,) = apt_download([_DEB_NAME], workdir)
+    unpacked = workdir / "root"
+    dpkg_extract(deb, unpacked)
     files = _find_files(unpacked / _DEB_DATA_DIR)
     if files is None:
         raise RuntimeError(f"the package holds no complete Fashion-MNIST in /{_DEB_DATA_DIR}")
@@ -334,7 +355,7 @@ def fetch_fashion_mnist(dest: Path | None = None) -> Path:
     files land in ``dest`` (default ``~/.cache/cmce/fashion-mnist``) atomically. A copy found
     elsewhere on the machine is copied into an explicit ``dest`` instead of downloading.
     """
-    target = Path(dest).expanduser() if dest is not None else _cache_dir()
+    target = Path(dest).expanduser() if dest is not None else cache_dir()
     if _find_files(target) is not None:
         logger.info("Fashion-MNIST already present in %s", target)
         return target
@@ -486,11 +507,16 @@ def load_image_folder(root: Path, spec: InputSpec, progress: bool = False) -> Im
 
 
 def load_source(source: str, spec: InputSpec | None = None) -> ImageSet:
-    """Load ``"fashion-mnist:train"``, ``"fashion-mnist:test"``, ``"digits"`` or an image folder.
+    """Load ``"fashion-mnist:train"``, ``"fashion-mnist:test"``, ``"digits"``, ``"glyphs"`` (the
+    fetched glyphs root, 32x32 RGB unless ``spec`` says otherwise) or an image folder.
 
     Built-in names win over a folder of the same name (write ``./digits`` for the folder). With
     ``spec`` the built-ins are converted to its size and channels; a folder requires ``spec``.
     """
+    if source == "glyphs":
+        from gallery_builder.data.glyphs import glyphs_dir
+
+        return load_image_folder(glyphs_dir(), spec or InputSpec(32, 32, 3))
     if source.startswith("fashion-mnist:") and source in _BUILTIN_SOURCES:
         data = load_fashion_mnist(source.split(":", 1)[1])
     elif source == "digits":

@@ -78,6 +78,10 @@ class ItemSource:
 
 def open_source(source: str, start: int = 0) -> ItemSource:
     """List the items of a source; ``start`` offsets positions (for adding to a gallery)."""
+    if source == "glyphs":  # the fetched glyphs root, an image folder
+        from gallery_builder.data.glyphs import glyphs_dir
+
+        source = str(glyphs_dir())
     path = Path(source).expanduser()
     if source in BUILTINS:
         data = load_source(source)
@@ -99,7 +103,7 @@ def open_source(source: str, start: int = 0) -> ItemSource:
         return ItemSource(source, _read_list(path, start))
     raise DataError(
         f"unknown gallery source {source!r}: an image folder, a list file "
-        f"(path[,id[,payload-json]] per line) or one of {', '.join(BUILTINS)}"
+        f"(path[,id[,payload-json]] per line) or one of {', '.join(BUILTINS)}, glyphs"
     )
 
 

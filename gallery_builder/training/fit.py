@@ -84,7 +84,7 @@ class TrainSettings:
     """
 
     epochs: int | None = None
-    steps: int = 2000
+    steps: int = 1000
     batch_size: int = 256
     lr: float = 3e-3
     weight_decay: float = 5e-4

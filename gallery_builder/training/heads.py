@@ -77,7 +77,9 @@ class Head(nn.Module):
 class HeadSettings:
     """Head training. The default head is linear (``layers=0``): on classes no model was
     trained on, linear heads matched or beat 2-layer MLP heads (glyphs, to-query mode:
-    Recall@1 of the fused ensemble 88.3 vs 86.9), and they train in a fraction of the time."""
+    Recall@1 of the fused ensemble 88.3 vs 86.9), and they train in a fraction of the time.
+    A small ``l2_weight`` lets the shared classifier shape the unified space (glyphs: fused
+    Recall@1 / MAP@R 91.6 / 58.5 at 0.1, 90.6 / 57.2 at 1.0, 90.1 / 54.9 at 4.0)."""
 
     epochs: int | None = 10
     steps: int = 2000
@@ -87,7 +89,7 @@ class HeadSettings:
     hidden: int = 256
     layers: int = 0
     temperature: float = 0.05
-    l2_weight: float = 1.0
+    l2_weight: float = 0.1
     seed: int = 0
     warmup: ClassVar[float] = 0.1
     spare_steps: ClassVar[int] = 1
