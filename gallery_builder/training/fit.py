@@ -146,7 +146,10 @@ def embed_views(
             batch = augment(images[start : start + batch_size], gen)
             for name, m in models.items():
                 out[name].append(m(batch))
-    return {name: torch.cat(parts) for name, parts in out.items()}
+    return {
+        name: torch.cat(parts) if parts else torch.empty(0, models[name].embedding_dim)
+        for name, parts in out.items()
+    }
 
 
 def fit(
