@@ -30,7 +30,7 @@ from gallery_builder.training.heads import (
 N, TRAIN = 3000, 2500
 DIMS = {"g24": 24, "g40": 40}
 QUERY_DIM, NEW_QUERY_DIM, UNIFIED_DIM = 16, 20, 32
-SETTINGS = HeadSettings(epochs=10, batch_size=128, hidden=64, layers=2, l2_weight=1.0, seed=0)
+SETTINGS = HeadSettings(epochs=10, batch_size=128, hidden=64, seed=0)
 QUERY_FP = "q0123456789abcde"
 GALLERY_FPS = {"g24": "g24fingerprint00", "g40": "g40fingerprint00"}
 

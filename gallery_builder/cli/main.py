@@ -434,9 +434,15 @@ def _train_options(fn):
             ),
             click.option(
                 "--flip/--no-flip",
+                default=True,
+                show_default=True,
+                help="Mirror half the training images (photos yes, text no).",
+            ),
+            click.option(
+                "--jitter/--no-jitter",
                 default=False,
                 show_default=True,
-                help="Mirror half the training views (photos yes, text no).",
+                help="Random affine and colour views (the experiment's open-set recipe).",
             ),
             click.option("--seed", default=0, show_default=True),
             click.option(
@@ -463,6 +469,7 @@ def _fit(
     batch_size,
     lr,
     flip,
+    jitter,
     seed,
     subset,
     role,
@@ -497,7 +504,7 @@ def _fit(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
-        augment=Augment(flip=flip),
+        augment=Augment(flip=flip) if jitter else Augment(flip, 0, 0, 0, 0),
         seed=seed,
     )
     torch.manual_seed(seed)

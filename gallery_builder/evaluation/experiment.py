@@ -58,7 +58,7 @@ from gallery_builder.models import (
 )
 from gallery_builder.models.checkpoint import CheckpointError
 from gallery_builder.training.fit import TrainSettings, train_distilled, train_metric
-from gallery_builder.training.heads import HeadSettings
+from gallery_builder.training.heads import OPEN_SET_HEADS, HeadSettings
 from query_sdk.errors import DataError
 from query_sdk.spec import InputSpec, to_model_input
 
@@ -179,7 +179,7 @@ class ExperimentConfig:
     gallery_models: list[ModelSpec] = field(default_factory=_default_gallery)
     query_model: ModelSpec = field(default_factory=_default_query)
     old_query_model: ModelSpec = field(default_factory=_default_old_query)  # the update study
-    heads: HeadSettings = field(default_factory=HeadSettings)
+    heads: HeadSettings = field(default_factory=lambda: replace(OPEN_SET_HEADS))
     head_seeds: tuple[int, ...] = (0, 1, 2)
     heads_views: int = 3  # random views of each training image the heads also train on
     # the diversity study: extra gallery models (never in the default ensemble) and axes

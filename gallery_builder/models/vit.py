@@ -46,9 +46,9 @@ def auto_patch(spec: InputSpec, max_tokens: int = 16) -> int:
     """The smallest patch side dividing both image sides that gives at most ``max_tokens``
     tokens (a 4x4 grid: on a 2-core CPU more tokens cost more than they bring at these sizes)."""
     for p in range(1, min(spec.height, spec.width) + 1):
-        if spec.height % p == 0 and spec.width % p == 0:
-            if (spec.height // p) * (spec.width // p) <= max_tokens:
-                return p
+        divides = spec.height % p == 0 and spec.width % p == 0
+        if divides and (spec.height // p) * (spec.width // p) <= max_tokens:
+            return p
     return math.gcd(spec.height, spec.width)
 
 
