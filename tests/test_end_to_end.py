@@ -26,7 +26,7 @@ def test_report_follows_the_contract(run):
     names = [m.name for m in cfg.gallery_models]
     expected = {"sym:query", *(f"sym:{g}" for g in names), *(f"kd:{g}" for g in names)}
     for mode in ("unified", "to-query"):
-        expected |= {f"{mode}:{g}" for g in names} | {f"{mode}:ensemble"}
+        expected |= {f"{mode}:{g}" for g in names} | {f"{mode}:mean", f"{mode}:ensemble"}
     assert set(on_disk["settings"]) == expected
     for values in on_disk["settings"].values():
         assert SETTING_KEYS <= set(values)

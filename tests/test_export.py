@@ -77,7 +77,7 @@ def _dirs(run_dir: Path) -> tuple[Path, Path, list[Path]]:
     return (
         models / "query",
         run_dir / "heads" / "unified",
-        [models / n for n in ("resnet", "widecnn", "vit")],
+        [models / n for n in ("resnet", "widecnn", "vit", "query")],  # query: its own member
     )
 
 

@@ -44,7 +44,7 @@ def digits(digits_run, tmp_path_factory):
 
     _, _, run = digits_run
     root = tmp_path_factory.mktemp("native-bindings")
-    models = [run / "models" / n for n in ("resnet", "widecnn", "vit")]
+    models = [run / "models" / n for n in ("resnet", "widecnn", "vit", "query")]
     heads = run / "heads" / "unified"
     build(models, heads, "digits", root / "gallery", BuildSettings(shard_size=700))
     plan = ExportPlan(

@@ -324,7 +324,7 @@ def digits_setup(digits_run, tmp_path_factory):
 
     _, _, run = digits_run
     root = tmp_path_factory.mktemp("sdk-digits")
-    models = [run / "models" / n for n in ("resnet", "widecnn", "vit")]
+    models = [run / "models" / n for n in ("resnet", "widecnn", "vit", "query")]
     build(
         models, run / "heads" / "unified", "digits", root / "gallery", BuildSettings(shard_size=700)
     )
