@@ -40,6 +40,10 @@ constexpr uint64_t kMaxProgramBytes = 2ull << 30;  // bundle_format's bound on a
 constexpr char kPteIdentifier[] = "ET12";           // runtimes.PTE_IDENTIFIER
 constexpr char kPteHeaderMagic[] = "eh00";
 
+// ExecuTorch's thread pool (XNNPACK's) is one per process and resizing it is unsafe while a
+// program runs: every run and every resize, over all handles, take this lock.
+std::mutex g_runtime;
+
 uint64_t le(const uint8_t* p, int bytes) {
   uint64_t v = 0;
   for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | p[i];
@@ -90,7 +94,6 @@ struct Embedder::Impl {
   int dim = 0, batch = 1;  // batch: the rows the program is run with (1, or its fixed batch)
   std::vector<uint8_t> bytes;  // the program; the Module reads it in place
   std::unique_ptr<Module> module;
-  std::mutex mutex;
 
   // One run on `batch` copies of `input` (already checked); the first row of the output.
   Status run(const Pixels& input, std::vector<float>* out) {
@@ -99,7 +102,7 @@ struct Embedder::Impl {
     for (int b = 0; b < batch; ++b) std::memcpy(rows.data() + b * image, input.data(), image);
     auto tensor = executorch::extension::from_blob(
         rows.data(), {batch, spec.height, spec.width, spec.channels}, ScalarType::Byte);
-    std::lock_guard<std::mutex> lock(mutex);
+    std::lock_guard<std::mutex> lock(g_runtime);
     auto result = module->forward(et::EValue(*tensor));
     if (!result.ok())
       return {CMCE_ERR_BACKEND, file + ": ExecuTorch could not run it: " + et_error(result.error())};
@@ -137,8 +140,11 @@ Status Embedder::open(const std::string& pte_path, const PixelSpec& spec, int di
     if (!frame.ok()) return frame;
 
     et::runtime_init();
-    executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(
-        static_cast<uint32_t>(std::max(1, threads)));
+    {
+      std::lock_guard<std::mutex> lock(g_runtime);
+      executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(
+          static_cast<uint32_t>(std::max(1, threads)));
+    }
     impl->module = std::make_unique<Module>(
         std::make_unique<BufferDataLoader>(impl->bytes.data(), impl->bytes.size()));
     const et::Error loaded = impl->module->load(et::Program::Verification::InternalConsistency);

@@ -14,8 +14,10 @@
 namespace cmce {
 
 // One loaded .pte. The program's frame is checked (runtimes.check_pte) before ExecuTorch sees a
-// byte, and its input/output are checked against the spec and dim. embed() is thread-safe (one
-// method, calls serialised by a mutex).
+// byte, its input is checked against the spec, and one run on zeros proves it loads and runs
+// (at batch 1, or at its fixed batch, padded) before open() returns. embed() is thread-safe:
+// runs are serialised over the process, as ExecuTorch's one thread pool (sized by the last
+// open()'s `threads`) serves every program.
 class Embedder {
  public:
   static Status open(const std::string& pte_path, const PixelSpec& spec, int dim, int threads,
