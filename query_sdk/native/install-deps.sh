@@ -7,7 +7,8 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
 apt-get update -qq
-packages=(libsodium-dev nlohmann-json3-dev libstb-dev zlib1g-dev clang libclang-rt-dev
-          g++-aarch64-linux-gnu qemu-user libsodium-dev:arm64 zlib1g-dev:arm64)
+packages=(libsodium-dev nlohmann-json3-dev libstb-dev zlib1g-dev libjpeg62-turbo-dev clang libclang-rt-dev
+          g++-aarch64-linux-gnu qemu-user libsodium-dev:arm64 zlib1g-dev:arm64
+          libjpeg62-turbo-dev:arm64)
 command -v javac >/dev/null || packages+=(default-jdk-headless)
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
