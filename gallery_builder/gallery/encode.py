@@ -52,13 +52,16 @@ class Ensemble:
         self.heads_dir = Path(heads_dir).resolve()
         self.trust = tuple(str(t) for t in trust)
         self.models = {d.name: load_model(d, self.trust) for d in self.model_dirs}
+        self.dirs = {d.name: d for d in self.model_dirs}
         self.heads, self.heads_config = load_heads(self.heads_dir)
         if self.heads.identity:  # the query model, whatever its folder's name, is that member
             query_fp = self.heads_config["query_fingerprint"]
-            self.models = {
-                (QUERY_MEMBER if c["fingerprint"] == query_fp else n): (m, c)
-                for n, (m, c) in self.models.items()
+            member = {
+                n: QUERY_MEMBER if c["fingerprint"] == query_fp else n
+                for n, (_, c) in self.models.items()
             }
+            self.models = {member[n]: v for n, v in self.models.items()}
+            self.dirs = {member[n]: d for n, d in self.dirs.items()}
         missing = set(self.heads.members) - set(self.models)
         if missing:
             raise CheckpointError(

@@ -94,14 +94,17 @@ def encode_parts_ray(
         batch_format="numpy",
         fn_kwargs={"source": source, "specs": spec_keys},
     )
+    # every model's actors fit the cluster at once (more stages than CPUs would wait forever)
+    per_model = max(1, workers // len(ensemble.specs))
+    cpus = min(1.0, workers / (per_model * len(ensemble.specs)))
     for name, spec in ensemble.specs.items():
-        model_dir = next(str(d) for d in ensemble.model_dirs if d.name == name)
+        model_dir = str(ensemble.dirs[name])
         ds = ds.map_batches(
             _ModelActor,
             batch_size=batch_size,
             batch_format="numpy",
-            concurrency=workers,
-            num_cpus=1,
+            concurrency=per_model,
+            num_cpus=cpus,
             fn_constructor_kwargs={
                 "model_dir": model_dir,
                 "column": f"raw_{name}",
