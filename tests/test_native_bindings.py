@@ -75,8 +75,10 @@ def _damaged_gallery(gallery: Path, out: Path) -> Path:
     return out
 
 
-def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300, **kw)
+def _run(cmd: list, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw
+    )
 
 
 # ------------------------------------------------------------------------------- JNI
@@ -197,6 +199,33 @@ def test_native_cli_refuses_a_damaged_gallery(native, digits, tmp_path):
     assert ours.stderr.count("\n") == 1
 
 
+# ---------------------------------------------------------------------------- benchmark
+
+
+def test_native_benchmark_smoke_agrees_with_the_python_sdk(native, digits, tmp_path):
+    from test_benchmarks import positive_times, run_smoke
+
+    from benchmarks.native_e2e import main
+
+    bundle, gallery, _, _, _ = digits
+    data = run_smoke(
+        main,
+        tmp_path,
+        *("--bundle", bundle, "--gallery", gallery, "--one-index", tmp_path / "one"),
+        *("--lib", native / "libcmce_query.so", "--quantization", "fp32", "--images", "digits"),
+    )
+    (fp32,) = data["variants"]
+    parity = fp32["parity"]
+    assert parity["queries"] == 30 and parity["identical_top_k_same_vector"] == 30
+    assert parity["identical_top_k"] + len(parity["differing_score_gaps"]) == 30
+    assert parity["cosine_min"] >= 0.9999  # where ids differ, it is a tie the embeddings broke
+    assert all(gap < 1e-4 for gap in parity["differing_score_gaps"])
+    shards = [(s["shards"], s["threads"], s["items"]) for s in data["search"]]
+    assert shards == [(3, 1, 1797), (3, 2, 1797), (1, 1, 1797)]
+    assert all(positive_times(s["native"]) for s in data["search"])
+    assert set(data["shards_ratio"]) == {"1", "2"}
+
+
 # ------------------------------------------------------------------------------- aarch64
 
 CROSS = ("aarch64-linux-gnu-g++", "qemu-aarch64")
@@ -241,7 +270,8 @@ def _cross_build() -> Path:
         configure += [f"-Dexecutorch_DIR={et}", f"-DCMAKE_MAKE_PROGRAM={cmake.with_name('ninja')}"]
         done = _run(configure)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    done = _run([cmake, "--build", folder, "-j2", "--target", "cmce-query-native"])
+    # a cold cross build of the library and the ExecuTorch link takes minutes on 2 cores
+    done = _run([cmake, "--build", folder, "-j2", "--target", "cmce-query-native"], timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return folder
 
