@@ -3,6 +3,7 @@ vector down (and the query model's own member can only add to what it achieves a
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def fit_weights(
     scores = torch.einsum("qd,mbd->mqb", query.float(), t)
     gram = torch.einsum("mbd,nbd->bmn", t, t)
 
+    @functools.cache  # the ascents revisit weight vectors
     def value(w: tuple[float, ...]) -> float:
         wt = torch.tensor(w)
         norm = torch.einsum("m,bmn,n->b", wt, gram, wt).clamp_min(1e-12).sqrt()

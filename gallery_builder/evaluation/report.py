@@ -206,7 +206,8 @@ def _against_n_tables(report: dict) -> str:
         "Mean over every subset of N gallery models, on the search classes. `mean`: the plain "
         "mean of their heads; `ensemble`: with the query model's own member, weights fitted "
         "on validation. Diversity axes: the same architecture with other seeds, with other "
-        "data subsets, and other architectures.\n\n"
+        "data subsets, and other architectures (their heads train on the training images "
+        "without extra views, one seed).\n\n"
         "| models | N | subsets | Recall@1 mean | Recall@1 ensemble | MAP@R mean | "
         "MAP@R ensemble |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows)
     )

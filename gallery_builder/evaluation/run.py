@@ -59,10 +59,12 @@ _PARTS = ("val_gallery", "val_query", "gallery", "query")
 
 
 class _Embeddings:
-    """A model's embeddings of the train, validation and search images."""
+    """A model's embeddings of the validation and search images, and of the training images
+    unless ``train`` is False (a distilled model's are never used)."""
 
-    def __init__(self, model, splits: Splits, name: str) -> None:
-        self.train = embed(model, splits.train.images, progress=f"{name} train")
+    def __init__(self, model, splits: Splits, name: str, train: bool = True) -> None:
+        if train:
+            self.train = embed(model, splits.train.images, progress=f"{name} train")
         for part in _PARTS:
             setattr(self, part, embed(model, getattr(splits, part).images))
 
@@ -131,10 +133,11 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
         eq = _Embeddings(query, splits, "query")
         eoq = _Embeddings(old_query, splits, "query-old")
         # heads see embeddings, not pixels: random views of the training images are their
-        # augmentation (every model embeds the same view)
+        # augmentation (every model embeds the same view); the diversity study's heads train
+        # on the images alone (views would double its cost)
         views = embed_views(
             {
-                **{g: m for g, (m, _) in {**gallery, **extra}.items()},
+                **{g: m for g, (m, _) in gallery.items()},
                 "query": query,
                 "query-old": old_query,
             },
@@ -143,8 +146,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
             cfg.heads_views,
             seed=cfg.head_seeds[0],
         )
-    all_train = {g: torch.cat([eg[g].train, views[g]]) for g in eg}
-    head_train = {g: all_train[g] for g in gallery}
+    head_train = {g: torch.cat([eg[g].train, views[g]]) for g in gallery}
     q_train = torch.cat([eq.train, views["query"]])
     oq_train = torch.cat([eoq.train, views["query-old"]])
     labels = torch.as_tensor(splits.train.labels).repeat(1 + cfg.heads_views)
@@ -164,7 +166,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
     for g in gallery:
         record(f"sym:{g}", part(eg[g], "query"), part(eg[g], "gallery"))
     with stage("embeddings"):
-        ekd = {g: _Embeddings(m, splits, f"kd-{g}") for g, (m, _) in distilled.items()}
+        ekd = {g: _Embeddings(m, splits, f"kd-{g}", train=False) for g, (m, _) in distilled.items()}
     for g in gallery:
         record(f"kd:{g}", part(ekd[g], "query"), part(eg[g], "gallery"))
 
@@ -219,9 +221,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
         for axis, names in cfg.diversity.items():
             axis_heads = train_heads(
                 default_mode,
-                {g: all_train[g] for g in names},
-                q_train,
-                labels,
+                {g: eg[g].train for g in names},
+                eq.train,
+                torch.as_tensor(splits.train.labels),
                 replace(cfg.heads, seed=cfg.head_seeds[0]),
                 dim=cfg.unified_dim if default_mode == "unified" else None,
                 identity=True,

@@ -62,10 +62,10 @@ class Ensemble:
             }
             self.models = {member[n]: v for n, v in self.models.items()}
             self.dirs = {member[n]: d for n, d in self.dirs.items()}
-        missing = set(self.heads.members) - set(self.models)
+        missing = set(self.heads.fused) - set(self.models)
         if missing:
             raise CheckpointError(
-                f"the heads in {heads_dir} need gallery models {sorted(self.heads.members)}; "
+                f"the heads in {heads_dir} need gallery models {sorted(self.heads.fused)}; "
                 f"missing {sorted(missing)} (models are named by their folder; "
                 f"{QUERY_MEMBER!r} is the query model the heads belong to)"
             )
@@ -73,7 +73,8 @@ class Ensemble:
 
     @property
     def names(self) -> list[str]:
-        return self.heads.members
+        """The models that run: the members with a fusion weight."""
+        return self.heads.fused
 
     @property
     def specs(self) -> dict[str, InputSpec]:
@@ -139,7 +140,7 @@ def fuse_part(heads: HeadSet, part: Part) -> tuple[np.ndarray, np.ndarray]:
     """Gallery vectors (float32, normalised) and uncertainties of a raw part."""
     if len(part) == 0:
         return np.zeros((0, heads.dim), np.float32), np.zeros(0, np.float32)
-    raw = {n: torch.from_numpy(part.raw[n].astype(np.float32)) for n in heads.members}
+    raw = {n: torch.from_numpy(part.raw[n].astype(np.float32)) for n in heads.fused}
     vectors, uncertainty = heads.encode_gallery(raw)
     return vectors.numpy().astype(np.float32), uncertainty.numpy().astype(np.float32)
 

@@ -88,15 +88,19 @@ def encode_parts_ray(
     records = [{"row": row_of[item.position], "part": k} for k, items in todo for item in items]
     spec_keys = {f"image_{i}": spec for i, spec in enumerate(set(ensemble.specs.values()))}
     key_of = {spec: key for key, spec in spec_keys.items()}
+    # every model's actors hold half the cluster's CPUs at most, the decode and write tasks
+    # the other half: actors that reserved every CPU would leave the tasks waiting forever
+    stages = len(ensemble.specs)
+    per_model = max(1, workers // (2 * stages))
+    cpus = min(1.0, workers / (2 * per_model * stages))
+    task_cpus = min(1.0, workers / 2)
     ds = ray.data.from_items(records).map_batches(
         _decode,
         batch_size=batch_size,
         batch_format="numpy",
+        num_cpus=task_cpus,
         fn_kwargs={"source": source, "specs": spec_keys},
     )
-    # every model's actors fit the cluster at once (more stages than CPUs would wait forever)
-    per_model = max(1, workers // len(ensemble.specs))
-    cpus = min(1.0, workers / (per_model * len(ensemble.specs)))
     for name, spec in ensemble.specs.items():
         model_dir = str(ensemble.dirs[name])
         ds = ds.map_batches(
@@ -115,6 +119,7 @@ def encode_parts_ray(
     ds = ds.groupby("part", num_partitions=len(todo)).map_groups(
         _write,
         batch_format="numpy",
+        num_cpus=task_cpus,
         fn_kwargs={"source": source, "gallery": str(gallery), "names": ensemble.names},
     )
     written = ds.take_all()

@@ -153,6 +153,12 @@ class HeadSet(nn.Module):
         embedding when ``identity``."""
         return self.names + [QUERY_MEMBER] * self.identity
 
+    @property
+    def fused(self) -> list[str]:
+        """The members with a positive fusion weight: what a gallery vector is built from (a
+        member of weight 0 adds nothing, so its model need not run)."""
+        return [n for n in self.members if self.weights[n] > 0]
+
     def member_dim(self, name: str) -> int:
         return self.query_dim if name == QUERY_MEMBER else self.gallery_dims[name]
 
@@ -183,9 +189,10 @@ class HeadSet(nn.Module):
         weights: dict[str, float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gallery vectors and uncertainties from raw per-member embeddings (eval mode): the
-        ``names`` members (default all), fused with ``weights`` (default the set's own)."""
+        ``names`` members (default :attr:`fused`), fused with ``weights`` (default the set's
+        own)."""
         self.eval()
-        names = names or self.members
+        names = names or self.fused
         weights = weights or self.weights
         w = torch.tensor([weights[n] for n in names])
         if not float(w.sum()) > 0:
