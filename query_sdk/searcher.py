@@ -138,12 +138,23 @@ class Searcher:
         return results
 
     def _embed(self, images: np.ndarray) -> np.ndarray:
-        """Model outputs, re-normalised in float32 (low-precision models drift off norm 1)."""
+        """Model outputs, re-normalised (low-precision models drift off norm 1)."""
         out = self.runtime.run(images)
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        if (norms < 1e-6).any():
-            raise BackendError(f"{self.artifact.file}: the model returned a zero vector")
-        return out / norms
+        try:
+            return renormalise(out)
+        except ValueError:
+            raise BackendError(f"{self.artifact.file}: the model returned a zero vector") from None
+
+
+def renormalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows of float32 ``vectors`` scaled to norm 1: the norm from a float64 sum of squares,
+    the division in float32, as libcmce_query does, so that both SDKs give the same bits for
+    the same model output. ValueError for a row of norm below 1e-6."""
+    norms = np.sqrt(np.square(vectors, dtype=np.float64).sum(axis=1, keepdims=True))
+    norms = norms.astype(np.float32)
+    if (norms < 1e-6).any():
+        raise ValueError("a zero vector")
+    return vectors / norms
 
 
 def _pick_artifact(manifest: BundleManifest, target: str, quantization: str | None) -> Artifact:

@@ -217,9 +217,9 @@ def test_native_benchmark_smoke_agrees_with_the_python_sdk(native, digits, tmp_p
     (fp32,) = data["variants"]
     parity = fp32["parity"]
     assert parity["queries"] == 30 and parity["identical_top_k_same_vector"] == 30
-    assert parity["identical_top_k"] + len(parity["differing_score_gaps"]) == 30
-    assert parity["cosine_min"] >= 0.9999  # where ids differ, it is a tie the embeddings broke
-    assert all(gap < 1e-4 for gap in parity["differing_score_gaps"])
+    # both SDKs re-normalise the model's output alike: the same vectors, the same hits
+    assert parity["identical_top_k"] == 30 and parity["differing_score_gaps"] == []
+    assert parity["cosine_min"] >= 0.9999
     shards = [(s["shards"], s["threads"], s["items"]) for s in data["search"]]
     assert shards == [(3, 1, 1797), (3, 2, 1797), (1, 1, 1797)]
     assert all(positive_times(s["native"]) for s in data["search"])

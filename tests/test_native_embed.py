@@ -31,6 +31,7 @@ from query_sdk.errors import BackendError, DataError
 from query_sdk.images import ImageError, decode_image, load_image
 from query_sdk.native import build as native
 from query_sdk.runtimes import check_pte, open_runtime
+from query_sdk.searcher import renormalise
 from query_sdk.spec import InputSpec, to_model_input
 
 SPECS = [InputSpec(28, 28, 1), InputSpec(32, 32, 3), InputSpec(96, 96, 3), InputSpec(48, 64, 1)]
@@ -260,8 +261,7 @@ def _python_embeddings(path: Path, quantization: str, files: list[Path]) -> np.n
         Validation("executorch", 0, None, None),
     )  # fmt: skip
     runtime = open_runtime("executorch", path, artifact, threads=1)
-    out = runtime.run(np.stack([decode_image(p, MODEL_SPEC) for p in files]))
-    return out / np.linalg.norm(out, axis=1, keepdims=True)
+    return renormalise(runtime.run(np.stack([decode_image(p, MODEL_SPEC) for p in files])))
 
 
 @pytest.mark.parametrize("quantization, cosine_min", [("fp32", 0.9999), ("int8", 0.999)])
@@ -274,6 +274,8 @@ def test_embeddings_match_the_python_sdk(probe, programs, images, quantization, 
     cosine = (got * want).sum(1)
     assert len(images) >= 50 and cosine.min() >= cosine_min, (cosine.min(), cosine.mean())
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    # the same runtime build and one thread: the same model output, re-normalised alike
+    np.testing.assert_array_equal(got, want)
 
 
 def test_crafted_programs_are_backend_errors_never_aborts(probe, programs, tmp_path):
