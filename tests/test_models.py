@@ -160,6 +160,22 @@ def test_vit_patch_must_divide_the_input():
         create_model("vit", InputSpec(8, 12, 1), 32, patch=8, dim=16, depth=1, heads=2)
 
 
+@pytest.mark.parametrize(
+    "spec, patch, convs", [((32, 32, 3), None, 3), ((28, 28, 1), 14, 1), ((28, 28, 1), 7, 0)]
+)
+def test_vit_conv_stem_reaches_the_patch_grid(spec, patch, convs):
+    """One stride-2 3x3 convolution per factor 2 of the patch, then a projection over the
+    rest: the stem's output is the patch grid, with the encoder's width."""
+    spec = InputSpec(*spec)
+    model = create_model("vit", spec, 32, patch=patch, dim=16, depth=1, heads=2, conv_stem=True)
+    stem = model.backbone.patchify
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) for m in stem) == convs
+    x = model.preprocess(torch.zeros(2, *spec.shape, dtype=torch.uint8))
+    p = patch or 8  # auto_patch: a 4x4 grid of 32x32
+    assert stem(x).shape == (2, 16, spec.height // p, spec.width // p)
+    assert model.eval()(torch.zeros(2, *spec.shape, dtype=torch.uint8)).shape == (2, 32)
+
+
 def test_rgb_spec_works():
     spec = InputSpec(8, 8, 3)
     model = create_model("resnet", spec, 10, width=4).eval()

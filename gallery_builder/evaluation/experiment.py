@@ -120,13 +120,14 @@ class ModelSpec:
 def _default_gallery() -> list[ModelSpec]:
     """The three gallery families (the defaults for data nobody has seen), each larger than
     the query model and trained on its own 80% of the training images; the ViT's patch
-    follows the input (:func:`gallery_builder.models.vit.auto_patch`), and it trains at a
-    third of the CNNs' learning rate (at 3e-3 it collapsed to chance on the glyphs)."""
-    vit = TrainSettings(seed=13, lr=1e-3)
+    follows the input (:func:`gallery_builder.models.vit.auto_patch`) and it starts with a
+    convolutional stem (with a linear patch projection it collapsed to chance on the glyphs at
+    the CNNs' learning rate, and reached 30% Recall@1 at a third of it)."""
+    vit = {"dim": 96, "depth": 4, "conv_stem": True}
     return [
         ModelSpec("resnet", "resnet", 128, {"width": 8}, TrainSettings(seed=11), subset=0.8),
         ModelSpec("widecnn", "widecnn", 256, {"width": 16}, TrainSettings(seed=12), subset=0.8),
-        ModelSpec("vit", "vit", 128, {"dim": 96, "depth": 4}, vit, subset=0.8),
+        ModelSpec("vit", "vit", 128, vit, TrainSettings(seed=13), subset=0.8),
     ]
 
 
