@@ -73,8 +73,9 @@ class Ensemble:
 
     @property
     def names(self) -> list[str]:
-        """The models that run: the members with a fusion weight."""
-        return self.heads.fused
+        """The models that run: every member with a fusion weight, and the members of weight
+        0 whose model was given (their raw embeddings are stored for a later ``reproject``)."""
+        return [n for n in self.heads.members if n in self.heads.fused or n in self.models]
 
     @property
     def specs(self) -> dict[str, InputSpec]:
@@ -140,6 +141,11 @@ def fuse_part(heads: HeadSet, part: Part) -> tuple[np.ndarray, np.ndarray]:
     """Gallery vectors (float32, normalised) and uncertainties of a raw part."""
     if len(part) == 0:
         return np.zeros((0, heads.dim), np.float32), np.zeros(0, np.float32)
+    if missing := sorted(set(heads.fused) - set(part.raw)):
+        raise CheckpointError(
+            f"the heads fuse {missing}, whose raw embeddings the gallery did not store (their "
+            "weight was 0 when it was built and their models were not given); build it again"
+        )
     raw = {n: torch.from_numpy(part.raw[n].astype(np.float32)) for n in heads.fused}
     vectors, uncertainty = heads.encode_gallery(raw)
     return vectors.numpy().astype(np.float32), uncertainty.numpy().astype(np.float32)
