@@ -73,9 +73,9 @@ class Ensemble:
 
     @property
     def names(self) -> list[str]:
-        """The models that run: every member with a fusion weight, and the members of weight
-        0 whose model was given (their raw embeddings are stored for a later ``reproject``)."""
-        return [n for n in self.heads.members if n in self.heads.fused or n in self.models]
+        """The models that run: every member whose model was given (the weighted ones are
+        checked to be; those of weight 0 are stored raw for a later ``reproject``)."""
+        return [n for n in self.heads.members if n in self.models]
 
     @property
     def specs(self) -> dict[str, InputSpec]:
