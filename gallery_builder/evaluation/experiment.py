@@ -195,6 +195,9 @@ class ExperimentConfig:
     train_limit: int | None = None  # cap on training images (quick runs)
     gallery_limit: int | None = None  # also caps the validation gallery
     query_limit: int | None = None  # also caps the validation queries
+    # models trained at a time, each in its own process (0: one per CPU core, at most 4;
+    # gallery_builder.evaluation.parallel)
+    workers: int = 0
     data: Path | None = field(default=None, metadata={"cli": "--data"})
     train_dir: Path | None = field(default=None, metadata={"cli": "--train"})
     gallery_dir: Path | None = field(default=None, metadata={"cli": "--gallery"})
@@ -225,8 +228,8 @@ class ExperimentConfig:
                 )
         if not self.head_seeds:
             raise ValueError("head_seeds: at least one seed is needed")
-        for name in ("heads_views", "unified_dim", "max_side"):
-            low = 0 if name == "heads_views" else 8 if name == "max_side" else 1
+        for name in ("heads_views", "unified_dim", "max_side", "workers"):
+            low = 8 if name == "max_side" else 1 if name == "unified_dim" else 0
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
         for name in ("train_limit", "gallery_limit", "query_limit"):
@@ -580,10 +583,15 @@ def _cached(path: Path, identity: dict, training: dict) -> tuple[EmbeddingNet, d
 
 
 def get_model(
-    ms: ModelSpec, cfg: ExperimentConfig, train: ImageSet, models_dir: Path, role: str
+    ms: ModelSpec,
+    cfg: ExperimentConfig,
+    train: ImageSet,
+    models_dir: Path,
+    role: str,
+    progress: bool = True,
 ) -> tuple[EmbeddingNet, dict]:
     """Train a metric-learning model per ``ms`` (or reuse its cached checkpoint), or load
-    ``ms.checkpoint`` (code runs only if ``cfg.trust`` names it)."""
+    ``ms.checkpoint`` (code runs only if ``cfg.trust`` names it); ``progress`` shows a bar."""
     if ms.checkpoint is not None:
         model, config = load_model(ms.checkpoint, cfg.trust)
         if model.input_spec.shape != cfg.spec.shape:
@@ -607,7 +615,8 @@ def get_model(
         return hit
     torch.manual_seed(ms.train.seed)
     model = create_model(ms.architecture, cfg.spec, ms.embedding_dim, **ms.kwargs)
-    train_metric(model, train.images[index], train.labels[index], ms.train, desc=ms.name)
+    images, labels = train.images[index], train.labels[index]
+    train_metric(model, images, labels, ms.train, desc=ms.name, progress=progress)
     config = save_model(path, model, identity, role, training)
     return model.eval(), config
 
@@ -620,6 +629,7 @@ def get_distilled(
     cfg: ExperimentConfig,
     train: ImageSet,
     models_dir: Path,
+    progress: bool = True,
 ) -> tuple[EmbeddingNet, dict]:
     """The knowledge-distillation baseline: ``ms``'s architecture (the query model's, with its
     training budget and augmentation) regressing the frozen teacher on the same views."""
@@ -638,6 +648,6 @@ def get_distilled(
         return hit
     torch.manual_seed(ms.train.seed)
     model = create_model(ms.architecture, cfg.spec, ms.embedding_dim, **ms.kwargs)
-    train_distilled(model, train.images, teacher, ms.train, desc=ms.name)
+    train_distilled(model, train.images, teacher, ms.train, desc=ms.name, progress=progress)
     config = save_model(path, model, identity, "query", training)
     return model.eval(), config

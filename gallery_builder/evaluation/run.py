@@ -32,6 +32,7 @@ from gallery_builder.evaluation.experiment import (
 )
 from gallery_builder.evaluation.fusion_fit import fit_weights, write_recommendation
 from gallery_builder.evaluation.metrics import recall_at_1, retrieval_metrics, search
+from gallery_builder.evaluation.parallel import train_models, worker_count
 from gallery_builder.evaluation.rejection import (
     GALLERY_COVERAGE,
     QUERY_COVERAGE,
@@ -110,6 +111,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
     log.info(splits.protocol)
     score = _Scorer(splits)
 
+    if (workers := worker_count(cfg)) > 1:
+        with stage(f"models, {workers} at a time"):  # the stages below then load them
+            train_models(cfg, splits.train, models_dir, workers)
     with stage("gallery models"):
         gallery = {
             ms.name: get_model(ms, cfg, splits.train, models_dir, "gallery")

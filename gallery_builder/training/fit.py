@@ -159,6 +159,7 @@ def fit(
     loss_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
     desc: str,
     modules: Iterable[torch.nn.Module],
+    progress: bool = True,
 ) -> None:
     """Minimise ``loss_fn`` over ``n`` samples: AdamW with a one-cycle schedule over shuffled
     mini-batches, ``modules`` in train mode meanwhile and in eval mode after.
@@ -166,6 +167,7 @@ def fit(
     ``loss_fn(idx, gen)`` is the loss of the samples ``idx``; ``gen`` is the loop's generator,
     for augmentation drawn in step with the batches. ``s.seed`` seeds it and the global RNGs
     (dropout), so a run repeats exactly. A last batch of one sample is skipped (batch norm).
+    ``desc`` names the fit in errors and on its progress bar (shown if ``progress``).
     """
     if n < 2:
         raise DataError(f"{desc}: {n} training samples; training needs at least 2")
@@ -181,7 +183,8 @@ def fit(
     modules = list(modules)
     for m in modules:
         m.train()
-    with tqdm(total=epochs * batches, desc=desc, leave=False, unit="batch") as bar:
+    quiet = {} if progress else {"disable": True}  # else TQDM_DISABLE still applies
+    with tqdm(total=epochs * batches, desc=desc, leave=False, unit="batch", **quiet) as bar:
         for _ in range(epochs):
             order = torch.randperm(n, generator=gen)
             for start in range(0, n, s.batch_size):
@@ -206,6 +209,7 @@ def _fit_model(
     extra_params: list[torch.nn.Parameter],
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     desc: str,
+    progress: bool,
 ) -> EmbeddingNet:
     """:func:`fit` an embedding model on random views (``s.augment``) of uint8 NHWC images;
     ``loss_fn(embeddings, idx, views)`` also gets the views themselves (for a teacher)."""
@@ -215,7 +219,7 @@ def _fit_model(
         views = s.augment(images[idx], gen)
         return loss_fn(model(views), idx, views)
 
-    fit([*model.parameters(), *extra_params], len(images), s, batch_loss, desc, [model])
+    fit([*model.parameters(), *extra_params], len(images), s, batch_loss, desc, [model], progress)
     return model
 
 
@@ -225,12 +229,15 @@ def train_metric(
     labels: np.ndarray,
     s: TrainSettings,
     desc: str = "train",
+    progress: bool = True,
 ) -> EmbeddingNet:
     """Metric learning with a normalised-softmax loss (pytorch-metric-learning)."""
     labels_t = torch.as_tensor(labels, dtype=torch.long)
     loss = NormalizedSoftmaxLoss(int(labels_t.max()) + 1, model.embedding_dim, s.temperature)
     params = list(loss.parameters())
-    return _fit_model(model, images, s, params, lambda emb, idx, _: loss(emb, labels_t[idx]), desc)
+    return _fit_model(
+        model, images, s, params, lambda emb, idx, _: loss(emb, labels_t[idx]), desc, progress
+    )
 
 
 def train_distilled(
@@ -239,6 +246,7 @@ def train_distilled(
     teacher: torch.nn.Module,
     s: TrainSettings,
     desc: str = "distill",
+    progress: bool = True,
 ) -> EmbeddingNet:
     """Knowledge distillation: regress the frozen teacher's embedding of the same random view
     (L2 between normalised embeddings), with the query model's budget and augmentation."""
@@ -255,4 +263,4 @@ def train_distilled(
             target = teacher(views)
         return (emb - target).pow(2).sum(dim=1).mean()
 
-    return _fit_model(model, images, s, [], loss_fn, desc)
+    return _fit_model(model, images, s, [], loss_fn, desc, progress)
