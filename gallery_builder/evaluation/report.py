@@ -254,8 +254,10 @@ def _recommendation(report: dict) -> str:
         f"Chosen on the validation split ({report.get('split', {}).get('validation', 'held out')}"
         f"), never on the search classes: **{best}** with validation Recall@1 "
         f"{_pct(v[best]['recall_at_1'])} and MAP@R {_pct(v[best]['map_at_r'])}, "
-        f"{100 * rec['margin_recall_at_1']:+.2f} Recall@1 points over the runner-up {runner} "
-        f"(query model alone: {_pct(v['sym:query']['recall_at_1'])}). On the search classes it "
+        f"{100 * rec['margin_recall_at_1']:+.2f} Recall@1 and "
+        f"{100 * rec['margin_map_at_r']:+.2f} MAP@R points over the runner-up {runner} "
+        f"(query model alone: {_pct(v['sym:query']['recall_at_1'])} / "
+        f"{_pct(v['sym:query']['map_at_r'])}). On the search classes it "
         f"ranks #{rec['search_rank']} of the deployable settings.\n\n" + deploy
     )
 

@@ -389,6 +389,7 @@ def _recommend(val: dict, settings: dict, first: dict) -> dict:
         "weights": weights,
         "validation": {n: val[n] for n in (best, runner_up, "sym:query")},
         "margin_recall_at_1": val[best]["recall_at_1"] - val[runner_up]["recall_at_1"],
+        "margin_map_at_r": val[best]["map_at_r"] - val[runner_up]["map_at_r"],
         "runner_up": runner_up,
         "search": {n: settings[n] for n in (best, runner_up)},
         "search_rank": sorted(
