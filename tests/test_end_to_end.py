@@ -62,6 +62,17 @@ def test_models_learn_and_the_ensemble_helps(run):
     assert s[f"{mode}:ensemble"]["recall_at_1"] > 0.3
 
 
+def test_recommendation_is_the_validation_winner_with_its_margins(run):
+    _, report, _ = run
+    rec, val = report["recommendation"], report["validation"]
+    deployable = [n for n in val if not n.startswith("sym:") or n == "sym:query"]
+    ranked = sorted(deployable, key=lambda n: val[n]["recall_at_1"] + val[n]["map_at_r"])[::-1]
+    assert [rec["setting"], rec["runner_up"]] == ranked[:2]
+    best, runner = (val[n] for n in ranked[:2])
+    assert rec["margin_recall_at_1"] == pytest.approx(best["recall_at_1"] - runner["recall_at_1"])
+    assert rec["margin_map_at_r"] == pytest.approx(best["map_at_r"] - runner["map_at_r"])
+
+
 def test_spread_finds_bad_gallery_images(run):
     _, report, _ = run
     quality = report["rejection"]["gallery_quality"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from gallery_builder.evaluation.rejection import (
     GALLERY_COVERAGE,
@@ -14,6 +15,7 @@ from gallery_builder.evaluation.rejection import (
     rank_average,
     selective_scores,
 )
+from gallery_builder.evaluation.run import _rejection
 
 
 def test_coverage_grids():
@@ -112,3 +114,19 @@ def test_rank_average_single_input_spans_zero_to_one():
 def test_rank_average_ties_share_the_lower_rank():
     # [1, 1, 2]: documented ranks 0 0 2 -> / 2 = 0 0 1; implementation gives 0 0.5 1
     np.testing.assert_allclose(rank_average(np.array([1.0, 1.0, 2.0])), [0.0, 0.0, 1.0])
+
+
+def test_gallery_drop_counts_the_top_hits_it_removes():
+    # 4 gallery images on the axes, 2 classes; the two most uncertain (dropped at 50 %) are
+    # image 1 (the top hit of a query of its class) and image 3 (the top hit of a query of
+    # the other class)
+    gv = torch.eye(4)
+    gl = torch.tensor([0, 0, 1, 1])
+    unc = torch.tensor([0.1, 0.9, 0.2, 0.8])
+    qv = torch.tensor([[0.1, 1.0, 0, 0], [0, 0, 0.1, 1.0], [0, 0, 0, 1.0], [1.0, 0, 0, 0]])
+    ql = torch.tensor([0, 1, 0, 0])
+    drop = _rejection(gv, unc, qv, gl, ql)["gallery_drop"]
+    assert drop["dropped_right_hits"] == 2  # queries 0 and 1 lose their right answer
+    assert drop["dropped_wrong_hits"] == 1  # query 2 loses its wrong one
+    assert drop["images_per_class"] == 2.0
+    assert drop["score"][0] == pytest.approx(3 / 4)

@@ -215,18 +215,14 @@ def _against_n_tables(report: dict) -> str:
 
 def _gallery_drop_sentence(report: dict) -> str:
     drop = report["rejection"]["gallery_drop"]
-    per_class = report.get("split", {}).get("gallery_images_per_class")
     change = drop["score"][-1] - drop["score"][0]
     cov = drop["coverage"][-1]
     verdict = "lifts" if change > 0 else "lowers"
     why = (
-        "with many images per class, dropping an uncertain one leaves others to match"
-        if change > 0
-        else "with few images per class, a dropped image is often a query's only match, so "
-        "removing gallery items costs more than the confusions it avoids; reject at query "
-        "time instead"
-    )
-    count = f" (median {per_class:g} gallery images per class)" if per_class else ""
+        f"the dropped images were the top hit of {drop['dropped_right_hits']} queries they "
+        f"answered rightly and of {drop['dropped_wrong_hits']} they answered wrongly"
+    ) + ("" if change > 0 else "; reject at query time instead")
+    count = f" (median {drop['images_per_class']:g} gallery images per class)"
     return (
         f"`gallery_drop`: keeping {100 * cov:.0f}% of the gallery {verdict} the queries' "
         f"Recall@1 from {_pct(drop['score'][0])} to {_pct(drop['score'][-1])}{count}: {why}."

@@ -481,8 +481,18 @@ def _rejection(gv, unc, qv, gl, ql) -> dict:
     best = min(areas, key=areas.get)
     flat_q = [float(correct.mean())] * len(QUERY_COVERAGE)
     flat_g = [float(agree.mean())] * len(GALLERY_COVERAGE)
+    counts = np.bincount(gl.numpy())
+    dropped = np.ones(n, dtype=bool)  # the images the smallest coverage drops
+    dropped[order[: n_kept(n, GALLERY_COVERAGE[-1])]] = False
+    hit_dropped = dropped[top.numpy()]
     return {
-        "gallery_drop": _view(GALLERY_COVERAGE, drop, drop_random),
+        "gallery_drop": {
+            **_view(GALLERY_COVERAGE, drop, drop_random),
+            "images_per_class": float(np.median(counts[counts > 0])),
+            # queries whose top hit (full gallery) is dropped: lost answers, removed confusions
+            "dropped_right_hits": int((hit_dropped & correct).sum()),
+            "dropped_wrong_hits": int((hit_dropped & ~correct).sum()),
+        },
         "gallery_quality": _view(GALLERY_COVERAGE, quality, flat_g),
         "query_time": {
             **_view(QUERY_COVERAGE, curves["spread"], flat_q),
