@@ -118,8 +118,8 @@ def test_rank_average_ties_share_the_lower_rank():
 
 def test_gallery_drop_counts_the_top_hits_it_removes():
     # 4 gallery images on the axes, 2 classes; the two most uncertain (dropped at 50 %) are
-    # image 1 (the top hit of a query of its class) and image 3 (the top hit of a query of
-    # the other class)
+    # image 1 (the top hit of a query of its class) and image 3 (the top hit of one query of
+    # its class and of one of the other)
     gv = torch.eye(4)
     gl = torch.tensor([0, 0, 1, 1])
     unc = torch.tensor([0.1, 0.9, 0.2, 0.8])
