@@ -232,8 +232,7 @@ class ExperimentConfig:
                 )
         if not self.head_seeds:
             raise ValueError("head_seeds: at least one seed is needed")
-        for name in ("heads_views", "unified_dim", "max_side", "workers"):
-            low = 8 if name == "max_side" else 1 if name == "unified_dim" else 0
+        for name, low in {"heads_views": 0, "unified_dim": 1, "max_side": 8, "workers": 0}.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
         for name in ("train_limit", "gallery_limit", "query_limit"):
