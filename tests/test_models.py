@@ -454,12 +454,26 @@ def test_fit_seed_repeats_a_training_run_exactly():
         torch.manual_seed(0)  # the same initial weights every time
         model = create_model("widecnn", SMALL_SPEC, 8, width=4)
         torch.rand(disturb)
-        train_distilled(model, images, teacher, replace(s, seed=seed))
+        train_distilled(model, images, teacher, replace(s, seed=seed), classes=1)
         return model.state_dict()
 
     first, again, other = trained(0), trained(0, disturb=7), trained(1)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_metric_training_takes_at_least_steps_per_class_steps_per_class():
+    """Eight classes at 3 steps each: 24 steps where ``steps`` alone asks for 4; the model's
+    batch norm counts the training batches it saw."""
+    images = uint8_images(64, SMALL_SPEC, seed=5)
+    labels = torch.arange(64) % 8
+    model = create_model("widecnn", SMALL_SPEC, 8, width=4)
+    s = TrainSettings(steps=4, steps_per_class=3, batch_size=16)
+    train_metric(model, images, labels, s, progress=False)
+    counts = {int(v) for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
+    assert counts == {24}
+    with pytest.raises(ValueError, match="steps_per_class must be at least 0, got -1"):
+        TrainSettings(steps_per_class=-1)
 
 
 def test_settings_and_data_the_fit_loop_cannot_train_with_are_refused():

@@ -69,6 +69,14 @@ def test_step_budget_gives_small_data_more_passes():
         TrainSettings(steps=0)
 
 
+def test_step_budget_rises_to_steps_per_class_on_many_classes():
+    s = TrainSettings(steps=1000, steps_per_class=5)
+    assert s.for_classes(40).steps == 1000  # few classes: the fixed budget
+    assert s.for_classes(400).steps == 2000
+    assert s.for_classes(401).steps == 2005 and s.for_classes(401).steps_per_class == 5
+    assert TrainSettings(steps=1000, steps_per_class=0).for_classes(10**4).steps == 1000
+
+
 def test_weighted_fusion_ignores_a_zero_weight_member():
     t = F.normalize(torch.randn(3, 5, 8), dim=-1)
     v, u = fuse(t, torch.tensor([1.0, 1.0, 0.0]))

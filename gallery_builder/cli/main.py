@@ -424,7 +424,8 @@ def _train_options(fn):
                 type=click.IntRange(min=1),
                 default=2000,
                 show_default=True,
-                help="Optimiser steps when --epochs is not given; small data get more passes.",
+                help="Optimiser steps when --epochs is not given, at least 5 per class (many "
+                "classes need them); small data get more passes.",
             ),
             click.option(
                 "--batch-size", type=click.IntRange(min=2), default=256, show_default=True
@@ -523,7 +524,8 @@ def _fit(
             )
         embedding_dim = teacher.embedding_dim
         model = create_model(arch, spec, embedding_dim, **kw)
-        train_distilled(model, images.images[index], teacher, settings)
+        classes = len(set(images.labels[index].tolist()))
+        train_distilled(model, images.images[index], teacher, settings, classes)
         training.update(loss="distill_l2", teacher=tcfg["fingerprint"])
     else:
         model = create_model(arch, spec, embedding_dim, **kw)

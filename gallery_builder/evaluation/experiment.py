@@ -131,15 +131,19 @@ def _default_gallery() -> list[ModelSpec]:
     ]
 
 
+def _half_budget(seed: int) -> TrainSettings:
+    """Half the default step budget, per class too (the diversity study, the old query model)."""
+    return TrainSettings(
+        steps=TrainSettings.steps // 2, steps_per_class=TrainSettings.steps_per_class / 2, seed=seed
+    )
+
+
 def _default_diversity_models() -> list[ModelSpec]:
     """Extra gallery models of the diversity study, at half the steps: one architecture with
     the same data and other seeds, and with other random halves of the data."""
-    steps = TrainSettings.steps // 2
 
     def widecnn(name: str, seed: int, subset: float) -> ModelSpec:
-        return ModelSpec(
-            name, "widecnn", 256, {"width": 16}, TrainSettings(steps=steps, seed=seed), subset
-        )
+        return ModelSpec(name, "widecnn", 256, {"width": 16}, _half_budget(seed), subset)
 
     return [
         widecnn("widecnn-seed-a", 31, 1.0),
@@ -171,7 +175,7 @@ def _default_old_query() -> ModelSpec:
         "mobilenet",
         128,
         {"width": 16},
-        TrainSettings(steps=TrainSettings.steps // 2, seed=22),
+        _half_budget(22),
         subset=0.5,
     )
 
@@ -651,6 +655,7 @@ def get_distilled(
         return hit
     torch.manual_seed(ms.train.seed)
     model = create_model(ms.architecture, cfg.spec, ms.embedding_dim, **ms.kwargs)
-    train_distilled(model, train.images, teacher, ms.train, desc=ms.name, progress=progress)
+    classes = len(np.unique(train.labels))
+    train_distilled(model, train.images, teacher, ms.train, classes, ms.name, progress)
     config = save_model(path, model, identity, "query", training)
     return model.eval(), config

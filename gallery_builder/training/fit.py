@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -80,11 +80,13 @@ class TrainSettings:
     """Optimisation settings of an embedding model; defaults suit a 2-core CPU and small images.
 
     The budget is ``steps`` optimiser steps unless ``epochs`` is set: a small dataset gets more
-    passes, a large one fewer, where a fixed epoch count under-trains small data.
+    passes, a large one fewer, where a fixed epoch count under-trains small data. On data with
+    many classes it rises to ``steps_per_class`` steps per training class (:meth:`for_classes`).
     """
 
     epochs: int | None = None
     steps: int = 1000
+    steps_per_class: float = 5.0
     batch_size: int = 256
     lr: float = 3e-3
     weight_decay: float = 5e-4
@@ -96,6 +98,18 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         check_settings(self)
+        if not self.steps_per_class >= 0:
+            raise ValueError(f"steps_per_class must be at least 0, got {self.steps_per_class}")
+
+    def for_classes(self, classes: int) -> TrainSettings:
+        """These settings with the step budget raised to ``steps_per_class`` steps per class.
+
+        A proxy loss over many classes learns next to nothing until each class has been seen
+        often enough: on 1,000 Han characters (400 training classes, 43 fonts each) the query
+        model's Recall@1 on unseen classes was 79 after 1,000 steps and 98.6 after 2,000, and
+        with half the images and 500 steps it stayed at chance.
+        """
+        return replace(self, steps=max(self.steps, math.ceil(self.steps_per_class * classes)))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,14 +220,17 @@ def _fit_model(
     model: EmbeddingNet,
     images: np.ndarray,
     s: TrainSettings,
+    classes: int,
     extra_params: list[torch.nn.Parameter],
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     desc: str,
     progress: bool,
 ) -> EmbeddingNet:
-    """:func:`fit` an embedding model on random views (``s.augment``) of uint8 NHWC images;
-    ``loss_fn(embeddings, idx, views)`` also gets the views themselves (for a teacher)."""
+    """:func:`fit` an embedding model on random views (``s.augment``) of uint8 NHWC images of
+    ``classes`` classes (the step budget follows them); ``loss_fn(embeddings, idx, views)``
+    also gets the views themselves (for a teacher)."""
     images = torch.as_tensor(images)
+    s = s.for_classes(classes)
 
     def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         views = s.augment(images[idx], gen)
@@ -234,9 +251,15 @@ def train_metric(
     """Metric learning with a normalised-softmax loss (pytorch-metric-learning)."""
     labels_t = torch.as_tensor(labels, dtype=torch.long)
     loss = NormalizedSoftmaxLoss(int(labels_t.max()) + 1, model.embedding_dim, s.temperature)
-    params = list(loss.parameters())
     return _fit_model(
-        model, images, s, params, lambda emb, idx, _: loss(emb, labels_t[idx]), desc, progress
+        model,
+        images,
+        s,
+        len(labels_t.unique()),
+        list(loss.parameters()),
+        lambda emb, idx, _: loss(emb, labels_t[idx]),
+        desc,
+        progress,
     )
 
 
@@ -245,11 +268,13 @@ def train_distilled(
     images: np.ndarray,
     teacher: torch.nn.Module,
     s: TrainSettings,
+    classes: int,
     desc: str = "distill",
     progress: bool = True,
 ) -> EmbeddingNet:
     """Knowledge distillation: regress the frozen teacher's embedding of the same random view
-    (L2 between normalised embeddings), with the query model's budget and augmentation."""
+    (L2 between normalised embeddings), with the query model's budget (``s`` on images of
+    ``classes`` classes) and augmentation."""
     dim = getattr(teacher, "embedding_dim", None)
     if dim != model.embedding_dim:
         raise ValueError(
@@ -263,4 +288,4 @@ def train_distilled(
             target = teacher(views)
         return (emb - target).pow(2).sum(dim=1).mean()
 
-    return _fit_model(model, images, s, [], loss_fn, desc, progress)
+    return _fit_model(model, images, s, classes, [], loss_fn, desc, progress)
