@@ -271,3 +271,7 @@ def test_fetch_unpacks_packages_renders_and_then_is_a_no_op(isolated, monkeypatc
     assert fetch_glyphs() == root and calls == []  # present: nothing downloaded
     result = CliRunner().invoke(cli, ["data", "fetch", "glyphs"])
     assert result.exit_code == 0 and result.output.strip() == str(root) and calls == []
+    # other characters into that folder: rendered anew, then present too
+    assert fetch_glyphs(root, ["fonts-two"], "xyz") == root and calls == [["fonts-two"]]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["0078_x", "0079_y", "007A_z"]
+    assert fetch_glyphs(root, ["fonts-two"], "xyz") == root and len(calls) == 1

@@ -723,8 +723,8 @@ def _search_dirs() -> list[Path]:
     return dirs
 
 
-def _is_current(root: Path) -> bool:
-    """True if ``root`` holds a complete rendering of this code's versions."""
+def _is_current(root: Path, chars: str = DEFAULT_CHARS) -> bool:
+    """True if ``root`` holds a complete rendering of ``chars`` by this code's versions."""
     try:
         manifest = json.loads((root / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
@@ -734,6 +734,7 @@ def _is_current(root: Path) -> bool:
         and manifest.get("format") == _FORMAT
         and manifest.get("render_version") == RENDER_VERSION
         and manifest.get("selection_version") == SELECTION_VERSION
+        and [c.get("char") for c in manifest.get("classes", [])] == list(dict.fromkeys(chars))
     )
 
 
@@ -780,8 +781,11 @@ def _download(packages: Sequence[str], workdir: Path) -> tuple[list[Path], list[
     return debs, missing
 
 
-def fetch_glyphs(dest: Path | None = None, packages: Sequence[str] = PACKAGES) -> Path:
-    """Make the glyphs dataset available and return its root.
+def fetch_glyphs(
+    dest: Path | None = None, packages: Sequence[str] = PACKAGES, chars: str = DEFAULT_CHARS
+) -> Path:
+    """Make the glyphs dataset (``chars`` drawn in the fonts of ``packages``) available and
+    return its root.
 
     Nothing happens when ``dest`` (default: the first of :func:`glyphs_dir`'s folders that has
     it, else ``${XDG_CACHE_HOME:-~/.cache}/cmce/glyphs``) already holds this code's versions
@@ -796,7 +800,7 @@ def fetch_glyphs(dest: Path | None = None, packages: Sequence[str] = PACKAGES) -
             target = cache_dir("glyphs")
     else:
         target = Path(dest).expanduser()
-        if _is_current(target):
+        if _is_current(target, chars):
             logger.info("glyphs already present in %s", target)
             return target
     started = time.perf_counter()
@@ -828,6 +832,7 @@ def fetch_glyphs(dest: Path | None = None, packages: Sequence[str] = PACKAGES) -
             manifest = render_glyphs(
                 list(fonts),
                 stage,
+                chars,
                 sources=fonts,
                 extra={
                     "packages": package_records,
