@@ -86,7 +86,8 @@ def config_error(tmp_path: Path, text: str, suffix: str = ".toml") -> str:
 def test_unknown_key_lists_the_known_ones_with_a_suggestion(tmp_path):
     msg = config_error(tmp_path, "head_seed = [1]\n")
     assert "head_seed: unknown key; did you mean 'head_seeds'?" in msg
-    assert "known: dataset, spec, gallery_models, query_model" in msg
+    assert "Known keys: dataset, spec, gallery_models, query_model" in msg
+    assert msg.endswith("query_limit, workers")  # not the command line's (data, trust)
     msg = config_error(
         tmp_path, '[[gallery_models]]\narchitecture = "resnet"\n' * 2 + "train = { epoch = 3 }\n"
     )

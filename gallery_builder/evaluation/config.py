@@ -103,9 +103,12 @@ class _Reader:
         hints = typing.get_type_hints(cls)
         for key in values:
             if key not in fields:
-                close = difflib.get_close_matches(str(key), list(fields), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise self.fail(_join(path, key), f"unknown key{hint} known: {', '.join(fields)}")
+                settable = [n for n, f in fields.items() if "cli" not in f.metadata]
+                close = difflib.get_close_matches(str(key), settable, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else "."
+                raise self.fail(
+                    _join(path, key), f"unknown key{hint} Known keys: {', '.join(settable)}"
+                )
             if "cli" in fields[key].metadata:
                 raise self.fail(
                     _join(path, key),
