@@ -56,7 +56,7 @@ from gallery_builder.models import (
     registered_identity,
     save_model,
 )
-from gallery_builder.models.checkpoint import CheckpointError
+from gallery_builder.models.checkpoint import CheckpointError, read_config
 from gallery_builder.training.fit import TrainSettings, train_distilled, train_metric
 from gallery_builder.training.heads import OPEN_SET_HEADS, HeadSettings
 from query_sdk.errors import DataError
@@ -76,6 +76,7 @@ __all__ = [
     "load_splits",
     "get_model",
     "get_distilled",
+    "cached_models",
 ]
 
 #: Built-in datasets a config's ``dataset`` can name (anything else labels a folder).
@@ -578,6 +579,79 @@ def _subset_index(n: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[: int(round(fraction * n))])
 
 
+def _model_record(ms: ModelSpec, cfg: ExperimentConfig, train: ImageSet) -> tuple[dict, dict]:
+    """The identity and training record a cached checkpoint of ``ms`` must have."""
+    identity = registered_identity(ms.architecture, cfg.spec, ms.embedding_dim, **ms.kwargs)
+    training = {
+        "data": train.name,
+        "images": len(_subset_index(len(train), ms.subset, ms.train.seed)),
+        "subset": ms.subset,
+        "loss": "normalized_softmax",
+        "settings": ms.train.to_dict(),
+    }
+    return identity, training
+
+
+def _distilled_record(
+    ms: ModelSpec,
+    teacher_name: str,
+    teacher_dim: int,
+    teacher_fp: str,
+    cfg: ExperimentConfig,
+    train: ImageSet,
+) -> tuple[ModelSpec, dict, dict]:
+    """The distilled baseline of a teacher (``ms`` is the query model's spec) and the identity
+    and training record its cached checkpoint must have."""
+    ms = replace(ms, name=f"kd-{teacher_name}", embedding_dim=teacher_dim)
+    identity = registered_identity(ms.architecture, cfg.spec, ms.embedding_dim, **ms.kwargs)
+    training = {
+        "data": train.name,
+        "images": len(train),
+        "loss": "distill_l2",
+        "teacher": teacher_fp,
+        "settings": ms.train.to_dict(),
+    }
+    return ms, identity, training
+
+
+def cached_models(cfg: ExperimentConfig, train: ImageSet, models_dir: Path) -> set[str]:
+    """The names of the models a run trains (``kd-G`` for the distilled baselines) whose
+    checkpoint in ``models_dir`` was trained as ``cfg`` asks, by its config (the weights are
+    checked when the model is loaded)."""
+
+    def config(path: Path) -> dict | None:
+        try:
+            return read_config(path, "model")
+        except CheckpointError:
+            return None
+
+    def matches(path: Path, identity: dict, training: dict) -> dict | None:
+        c = config(path)
+        return c if c and c["identity"] == identity and c["training"] == training else None
+
+    found = {
+        ms.name: c
+        for ms in (*cfg.gallery_models, cfg.query_model, *cfg.diversity_models, cfg.old_query_model)
+        if ms.checkpoint is None
+        and (c := matches(models_dir / ms.name, *_model_record(ms, cfg, train)))
+    }
+    names = set(found)
+    for ms in cfg.gallery_models:
+        teacher = config(ms.checkpoint) if ms.checkpoint else found.get(ms.name)
+        if teacher is not None:
+            kd, identity, training = _distilled_record(
+                cfg.query_model,
+                ms.name,
+                teacher["embedding_dim"],
+                teacher["fingerprint"],
+                cfg,
+                train,
+            )
+            if matches(models_dir / kd.name, identity, training):
+                names.add(kd.name)
+    return names
+
+
 def _cached(path: Path, identity: dict, training: dict) -> tuple[EmbeddingNet, dict] | None:
     try:
         model, config = load_model(path)
@@ -608,18 +682,11 @@ def get_model(
                 f"run with --input-spec {have.lower()}"
             )
         return model, config
-    identity = registered_identity(ms.architecture, cfg.spec, ms.embedding_dim, **ms.kwargs)
-    index = _subset_index(len(train), ms.subset, ms.train.seed)
-    training = {
-        "data": train.name,
-        "images": len(index),
-        "subset": ms.subset,
-        "loss": "normalized_softmax",
-        "settings": ms.train.to_dict(),
-    }
+    identity, training = _model_record(ms, cfg, train)
     path = models_dir / ms.name
     if (hit := _cached(path, identity, training)) is not None:
         return hit
+    index = _subset_index(len(train), ms.subset, ms.train.seed)
     torch.manual_seed(ms.train.seed)
     model = create_model(ms.architecture, cfg.spec, ms.embedding_dim, **ms.kwargs)
     images, labels = train.images[index], train.labels[index]
@@ -640,16 +707,9 @@ def get_distilled(
 ) -> tuple[EmbeddingNet, dict]:
     """The knowledge-distillation baseline: ``ms``'s architecture (the query model's, with its
     training budget and augmentation) regressing the frozen teacher on the same views."""
-    n = len(train)
-    ms = replace(ms, name=f"kd-{teacher_name}", embedding_dim=teacher.embedding_dim)
-    identity = registered_identity(ms.architecture, cfg.spec, ms.embedding_dim, **ms.kwargs)
-    training = {
-        "data": train.name,
-        "images": n,
-        "loss": "distill_l2",
-        "teacher": teacher_fp,
-        "settings": ms.train.to_dict(),
-    }
+    ms, identity, training = _distilled_record(
+        ms, teacher_name, teacher.embedding_dim, teacher_fp, cfg, train
+    )
     path = models_dir / ms.name
     if (hit := _cached(path, identity, training)) is not None:
         return hit

@@ -23,6 +23,7 @@ from gallery_builder.data.datasets import ImageSet
 from gallery_builder.evaluation.experiment import (
     ExperimentConfig,
     ModelSpec,
+    cached_models,
     get_distilled,
     get_model,
 )
@@ -44,15 +45,20 @@ def worker_count(cfg: ExperimentConfig) -> int:
 
 def train_models(cfg: ExperimentConfig, train: ImageSet, models_dir: Path, workers: int) -> None:
     """Train every model of the run that is not in the cache yet, ``workers`` at a time, each
-    worker on its share of torch's threads."""
+    worker on its share of torch's threads; no worker starts when every one is cached."""
     jobs: list[tuple] = [
         *((_train, ms, "gallery") for ms in cfg.gallery_models),
         (_train, cfg.query_model, "query"),
         *((_train, ms, "gallery") for ms in cfg.diversity_models),
         (_train, cfg.old_query_model, "query"),
     ]
-    jobs = [job for job in jobs if job[1].checkpoint is None]  # imported models need none
-    teachers = {ms.name: ms for ms in cfg.gallery_models}
+    cached = cached_models(cfg, train, models_dir)
+    # imported models need no training
+    jobs = [job for job in jobs if job[1].checkpoint is None and job[1].name not in cached]
+    teachers = {ms.name: ms for ms in cfg.gallery_models if f"kd-{ms.name}" not in cached}
+    if not jobs and not teachers:
+        log.info("every model is in the cache %s", models_dir)
+        return
     threads = max(1, torch.get_num_threads() // workers)
     log.info("training models: %d processes of %d thread(s)", workers, threads)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
@@ -62,8 +68,8 @@ def train_models(cfg: ExperimentConfig, train: ImageSet, models_dir: Path, worke
         tqdm(total=len(jobs) + len(teachers), desc="models", unit="model") as bar,
     ):
         pending: set[Future] = {pool.submit(*job) for job in jobs}
-        imported = [ms for ms in teachers.values() if ms.checkpoint is not None]
-        pending |= {pool.submit(_distill, ms) for ms in imported}
+        training = {job[1].name for job in jobs}  # the other teachers are there already
+        pending |= {pool.submit(_distill, ms) for n, ms in teachers.items() if n not in training}
         try:
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
