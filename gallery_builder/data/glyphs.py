@@ -723,8 +723,9 @@ def _search_dirs() -> list[Path]:
     return dirs
 
 
-def _is_current(root: Path, chars: str = DEFAULT_CHARS) -> bool:
-    """True if ``root`` holds a complete rendering of ``chars`` by this code's versions."""
+def _is_current(root: Path, chars: str | None = None) -> bool:
+    """True if ``root`` holds a complete rendering by this code's versions (of ``chars``, when
+    given)."""
     try:
         manifest = json.loads((root / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
@@ -734,7 +735,10 @@ def _is_current(root: Path, chars: str = DEFAULT_CHARS) -> bool:
         and manifest.get("format") == _FORMAT
         and manifest.get("render_version") == RENDER_VERSION
         and manifest.get("selection_version") == SELECTION_VERSION
-        and [c.get("char") for c in manifest.get("classes", [])] == list(dict.fromkeys(chars))
+        and (
+            chars is None
+            or [c.get("char") for c in manifest.get("classes", [])] == list(dict.fromkeys(chars))
+        )
     )
 
 
