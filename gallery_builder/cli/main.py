@@ -524,7 +524,7 @@ def _fit(
             )
         embedding_dim = teacher.embedding_dim
         model = create_model(arch, spec, embedding_dim, **kw)
-        classes = len(set(images.labels[index].tolist()))
+        classes = len(torch.unique(torch.as_tensor(images.labels[index])))
         train_distilled(model, images.images[index], teacher, settings, classes)
         training.update(loss="distill_l2", teacher=tcfg["fingerprint"])
     else:

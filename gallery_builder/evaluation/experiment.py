@@ -15,6 +15,7 @@ unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections import Counter
@@ -618,26 +619,18 @@ def cached_models(cfg: ExperimentConfig, train: ImageSet, models_dir: Path) -> s
     """The names of the models a run trains (``kd-G`` for the distilled baselines) whose
     checkpoint in ``models_dir`` was trained as ``cfg`` asks, by its config (the weights are
     checked when the model is loaded)."""
-
-    def config(path: Path) -> dict | None:
-        try:
-            return read_config(path, "model")
-        except CheckpointError:
-            return None
-
-    def matches(path: Path, identity: dict, training: dict) -> dict | None:
-        c = config(path)
-        return c if c and c["identity"] == identity and c["training"] == training else None
-
     found = {
         ms.name: c
         for ms in (*cfg.gallery_models, cfg.query_model, *cfg.diversity_models, cfg.old_query_model)
         if ms.checkpoint is None
-        and (c := matches(models_dir / ms.name, *_model_record(ms, cfg, train)))
+        and (c := _matching_config(models_dir / ms.name, *_model_record(ms, cfg, train)))
     }
     names = set(found)
     for ms in cfg.gallery_models:
-        teacher = config(ms.checkpoint) if ms.checkpoint else found.get(ms.name)
+        teacher = found.get(ms.name)
+        if ms.checkpoint is not None:
+            with contextlib.suppress(CheckpointError):
+                teacher = read_config(ms.checkpoint, "model")
         if teacher is not None:
             kd, identity, training = _distilled_record(
                 cfg.query_model,
@@ -647,20 +640,29 @@ def cached_models(cfg: ExperimentConfig, train: ImageSet, models_dir: Path) -> s
                 cfg,
                 train,
             )
-            if matches(models_dir / kd.name, identity, training):
+            if _matching_config(models_dir / kd.name, identity, training):
                 names.add(kd.name)
     return names
 
 
-def _cached(path: Path, identity: dict, training: dict) -> tuple[EmbeddingNet, dict] | None:
+def _matching_config(path: Path, identity: dict, training: dict) -> dict | None:
+    """The model config in ``path`` if it records this identity and training, else None."""
     try:
-        model, config = load_model(path)
+        config = read_config(path, "model")
     except CheckpointError:
         return None
-    if config["identity"] == identity and config["training"] == training:
-        log.info("reusing %s", path)
-        return model, config
-    return None
+    return config if config["identity"] == identity and config["training"] == training else None
+
+
+def _cached(path: Path, identity: dict, training: dict) -> tuple[EmbeddingNet, dict] | None:
+    if _matching_config(path, identity, training) is None:
+        return None
+    try:
+        model, config = load_model(path)  # checks the weights against the config
+    except CheckpointError:
+        return None
+    log.info("reusing %s", path)
+    return model, config
 
 
 def get_model(
