@@ -236,17 +236,3 @@ def test_accuracy_smoke(digits_bundle, tmp_path):
     for v in data["variants"]:
         assert 0.1 < v["recall_at_1"] <= 1.0  # far above chance (10 classes)
     assert "| **unified:ensemble** |" in (tmp_path / "RESULTS.md").read_text()
-
-
-def test_many_classes_draws_distinct_common_han_characters():
-    import click
-
-    from benchmarks.many_classes import han_characters
-
-    chars = han_characters(1000)
-    assert len(set(chars)) == 1000 and chars == han_characters(1000)  # seeded
-    assert all("\u4e00" <= c <= "\u9fff" for c in chars)  # CJK unified ideographs
-    assert chars[:5] != han_characters(5, seed=1)
-    assert len(han_characters(3755)) == 3755  # all of GB2312 level 1
-    with pytest.raises(click.BadParameter, match="1..3755"):
-        han_characters(3756)

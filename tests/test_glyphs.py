@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -25,13 +26,19 @@ from gallery_builder.data import glyphs
 from gallery_builder.data.datasets import DatasetMissing, load_image_folder, load_source
 from gallery_builder.data.glyphs import (
     DEFAULT_CHARS,
+    FONT_SETS,
+    GLYPHS,
+    HAN,
     MANIFEST_NAME,
+    FontSet,
     class_name,
     fetch_glyphs,
     glyphs_dir,
+    han_characters,
     render_glyphs,
 )
 from gallery_builder.data.sources import open_source
+from gallery_builder.evaluation.experiment import load_config
 from query_sdk.spec import InputSpec
 
 MPL_FONTS = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
@@ -187,6 +194,18 @@ def test_class_names_are_unique_and_safe():
     assert class_name("/") == "002F_solidus" and class_name("a") == "0061_a"
 
 
+def test_han_draws_distinct_common_characters_that_extend_each_other():
+    chars = han_characters(1000)
+    assert len(set(chars)) == 1000 and chars == han_characters(1000)  # seeded
+    assert all("\u4e00" <= c <= "\u9fff" for c in chars)  # CJK unified ideographs
+    assert chars[:5] != han_characters(5, seed=1)
+    assert HAN.chars == chars[:600]  # the built-in set is the start of any larger draw
+    assert len(han_characters(3755)) == 3755  # all of GB2312 level 1
+    with pytest.raises(ValueError, match="1..3755"):
+        han_characters(3756)
+    assert set(FONT_SETS) == {"glyphs", "han"} and FONT_SETS["glyphs"].chars == DEFAULT_CHARS
+
+
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -253,7 +272,7 @@ def test_fetch_unpacks_packages_renders_and_then_is_a_no_op(isolated, monkeypatc
         return [build_deb(workdir, n, packages[n]) for n in names]
 
     monkeypatch.setattr(glyphs, "apt_download", fake_apt_download)
-    root = fetch_glyphs(packages=["fonts-one", "fonts-gone", "fonts-two"])
+    root = fetch_glyphs(font_set=replace(GLYPHS, packages=("fonts-one", "fonts-gone", "fonts-two")))
     assert root == isolated / "cache" / "cmce" / "glyphs"
     manifest = json.loads((root / MANIFEST_NAME).read_text())
     assert manifest["packages"] == [
@@ -272,6 +291,22 @@ def test_fetch_unpacks_packages_renders_and_then_is_a_no_op(isolated, monkeypatc
     result = CliRunner().invoke(cli, ["data", "fetch", "glyphs"])
     assert result.exit_code == 0 and result.output.strip() == str(root) and calls == []
     # other characters into that folder: rendered anew, then present too
-    assert fetch_glyphs(root, ["fonts-two"], "xyz") == root and calls == [["fonts-two"]]
+    other = FontSet("other", ("fonts-two",), "xyz", "three letters")
+    assert fetch_glyphs(root, other) == root and calls == [["fonts-two"]]
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["0078_x", "0079_y", "007A_z"]
-    assert fetch_glyphs(root, ["fonts-two"], "xyz") == root and len(calls) == 1
+    assert fetch_glyphs(root, other) == root and len(calls) == 1
+    # the han set: its own folder, `cmce data fetch/where han`, a source and a preset's data
+    calls.clear()
+    with pytest.raises(DatasetMissing, match="cmce data fetch han"):
+        glyphs_dir("han")
+    monkeypatch.setitem(FONT_SETS, "han", replace(HAN, packages=("fonts-one",), chars="AB"))
+    result = CliRunner().invoke(cli, ["data", "fetch", "han"])
+    han = isolated / "cache" / "cmce" / "han"
+    assert result.exit_code == 0 and result.output.strip() == str(han), result.output
+    assert calls == [["fonts-one"]] and sorted(p.name for p in han.iterdir() if p.is_dir()) == [
+        "0041_A",
+        "0042_B",
+    ]
+    assert CliRunner().invoke(cli, ["data", "where", "han"]).output.strip() == str(han)
+    assert len(load_source("han")) == len(open_source("han")) == 2 * 2  # two fonts x AB
+    assert load_config("han").dataset == "han"  # `cmce demo --preset han` reads it

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from gallery_builder.cli.options import TRUST_FLAG, trust_option
+from gallery_builder.data.glyphs import FONT_SETS
 from gallery_builder.evaluation.config import preset_files
 from query_sdk.errors import CheckpointError, DataError, cli_errors
 from query_sdk.spec import InputSpec
@@ -22,6 +23,8 @@ from query_sdk.spec import InputSpec
 if TYPE_CHECKING:
     from gallery_builder.evaluation.experiment import ExperimentConfig
 
+#: What `cmce data fetch/where` knows: Fashion-MNIST and the font sets.
+DATASET_NAMES = ("fashion-mnist", *FONT_SETS)
 BUILTIN_SPECS = {
     "fashion-mnist": InputSpec(28, 28, 1, mean=(0.286,), std=(0.353,)),
     "digits": InputSpec(8, 8, 1, mean=(0.3,), std=(0.4,)),
@@ -82,7 +85,7 @@ def data() -> None:
 
 
 @data.command("fetch")
-@click.argument("name", type=click.Choice(["fashion-mnist", "glyphs"]))
+@click.argument("name", type=click.Choice(DATASET_NAMES))
 @click.option(
     "--dest",
     type=click.Path(path_type=Path),
@@ -96,26 +99,32 @@ def data_fetch(name: str, dest: Path | None) -> None:
 
     \b
     fashion-mnist  the IDX files (torchvision's downloader as a fallback)
-    glyphs         100 character classes rendered from the fonts of 87 font packages
-                   (about 110 MB of downloads): a class-folder root for
-                   `cmce experiment --data`; glyphs.json in it lists what was used
+    glyphs         100 Latin characters rendered from the fonts of 87 font packages
+                   (about 110 MB of downloads; ~600 images per class)
+    han            600 Chinese characters rendered from the fonts of 11 CJK font
+                   packages (about 300 MB of downloads; ~43 images per class)
+
+    glyphs and han are class-folder roots for `cmce experiment --data`; glyphs.json in
+    each lists the packages, fonts and characters used.
     """
     from gallery_builder.data.datasets import fetch_fashion_mnist
     from gallery_builder.data.glyphs import fetch_glyphs
 
-    fetch = {"fashion-mnist": fetch_fashion_mnist, "glyphs": fetch_glyphs}[name]
-    click.echo(fetch(dest))
+    if name == "fashion-mnist":
+        click.echo(fetch_fashion_mnist(dest))
+    else:
+        click.echo(fetch_glyphs(dest, FONT_SETS[name]))
 
 
 @data.command("where")
-@click.argument("name", type=click.Choice(["fashion-mnist", "glyphs"]), default="fashion-mnist")
+@click.argument("name", type=click.Choice(DATASET_NAMES), default="fashion-mnist")
 @cli_errors
 def data_where(name: str) -> None:
     """Print the folder a dataset is read from (or how to get it)."""
     from gallery_builder.data.datasets import fashion_mnist_dir
     from gallery_builder.data.glyphs import glyphs_dir
 
-    click.echo({"fashion-mnist": fashion_mnist_dir, "glyphs": glyphs_dir}[name]())
+    click.echo(fashion_mnist_dir() if name == "fashion-mnist" else glyphs_dir(name))
 
 
 # ---------------------------------------------------------------- experiment / demo / eval
@@ -222,15 +231,16 @@ def experiment(
     "--preset",
     type=click.Choice(list(preset_files())),
     default=None,
-    help="Experiment preset (overrides --quick); glyphs is the open-set one.",
+    help="Experiment preset (overrides --quick); glyphs and han are open-set ones.",
 )
 @cli_errors
 def demo(out: Path, quick: bool, preset: str | None) -> None:
     """`cmce experiment` on a built-in dataset with a preset config: fetch the data if
     missing, train (or reuse cached) models and heads, evaluate every setting, write
     report.md, report.json and PNG plots. Presets: default and quick (Fashion-MNIST, closed
-    set), digits (scikit-learn's, closed set), glyphs (characters of 100 classes rendered from
-    Debian's fonts, open set).
+    set), digits (scikit-learn's, closed set), glyphs (100 Latin characters rendered from
+    Debian's fonts, open set: few classes, many images each) and han (600 Chinese characters,
+    open set: many classes, few images each, like face identification).
 
     \b
     Example:
@@ -245,8 +255,8 @@ def demo(out: Path, quick: bool, preset: str | None) -> None:
     cfg = load_config(preset)
     if cfg.dataset == "fashion-mnist":
         fetch_fashion_mnist()
-    elif cfg.dataset == "glyphs":
-        cfg = replace(cfg, data=fetch_glyphs())
+    elif cfg.dataset in FONT_SETS:
+        cfg = replace(cfg, data=fetch_glyphs(font_set=FONT_SETS[cfg.dataset]))
     _run(cfg, out, preset)
     if cfg.dataset == "fashion-mnist":
         _write_sample_queries(out / "queries")

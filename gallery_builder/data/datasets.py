@@ -84,7 +84,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _DEB_NAME = "dataset-fashion-mnist"
 _DEB_DATA_DIR = Path("usr/share/datasets/fashion-mnist")
 _SPLITS = {"train": ("train", 60000), "test": ("t10k", 10000)}
-_BUILTIN_SOURCES = ("fashion-mnist:train", "fashion-mnist:test", "digits", "glyphs")
+_BUILTIN_SOURCES = ("fashion-mnist:train", "fashion-mnist:test", "digits")
 
 
 class DatasetMissing(DataError):
@@ -507,16 +507,17 @@ def load_image_folder(root: Path, spec: InputSpec, progress: bool = False) -> Im
 
 
 def load_source(source: str, spec: InputSpec | None = None) -> ImageSet:
-    """Load ``"fashion-mnist:train"``, ``"fashion-mnist:test"``, ``"digits"``, ``"glyphs"`` (the
-    fetched glyphs root, 32x32 RGB unless ``spec`` says otherwise) or an image folder.
+    """Load ``"fashion-mnist:train"``, ``"fashion-mnist:test"``, ``"digits"``, a font set
+    (``"glyphs"``, ``"han"``: the fetched root, 32x32 RGB unless ``spec`` says otherwise) or an
+    image folder.
 
     Built-in names win over a folder of the same name (write ``./digits`` for the folder). With
     ``spec`` the built-ins are converted to its size and channels; a folder requires ``spec``.
     """
-    if source == "glyphs":
-        from gallery_builder.data.glyphs import glyphs_dir
+    from gallery_builder.data.glyphs import FONT_SETS, glyphs_dir
 
-        return load_image_folder(glyphs_dir(), spec or InputSpec(32, 32, 3))
+    if source in FONT_SETS:
+        return load_image_folder(glyphs_dir(source), spec or InputSpec(32, 32, 3))
     if source.startswith("fashion-mnist:") and source in _BUILTIN_SOURCES:
         data = load_fashion_mnist(source.split(":", 1)[1])
     elif source == "digits":
@@ -526,7 +527,7 @@ def load_source(source: str, spec: InputSpec | None = None) -> ImageSet:
             raise DataError(f"{source}: an image folder needs an input spec to decode into")
         return load_image_folder(Path(source).expanduser(), spec)
     else:
-        allowed = ", ".join(repr(s) for s in _BUILTIN_SOURCES)
+        allowed = ", ".join(repr(s) for s in (*_BUILTIN_SOURCES, *FONT_SETS))
         raise DataError(
             f"unknown data source {source!r}: use {allowed} or the path of an image folder "
             "(one sub-folder per class)"

@@ -1,11 +1,15 @@
-"""A built-in open-set dataset: characters rendered from the fonts of Debian font packages.
+"""Built-in open-set datasets: characters rendered from the fonts of Debian font packages.
 
-:func:`fetch_glyphs` downloads a fixed list of font packages (:data:`PACKAGES`) with
-``apt-get download``, unpacks them with ``dpkg -x`` (no root needed) and renders every
-character of :data:`DEFAULT_CHARS` in every usable font into a class-folder root
-(``<root>/<class>/<font>.png``, one sub-folder per character), which ``cmce experiment --data``
-reads. ``<root>/glyphs.json`` records the packages and versions, every font file (package,
-path, sha256, what became of it), the characters, the render settings and the counts.
+Two font sets (:data:`FONT_SETS`): ``glyphs``, 100 Latin characters (:data:`DEFAULT_CHARS`) in
+the fonts of 87 packages (:data:`PACKAGES`: few classes, ~600 images each), and ``han``, 600
+common Chinese characters (:func:`han_characters`) in the CJK fonts of 11 packages
+(:data:`HAN_PACKAGES`: many classes, ~43 images each, the regime of face identification).
+:func:`fetch_glyphs` downloads a set's packages with ``apt-get download``, unpacks them with
+``dpkg -x`` (no root needed) and renders every character in every usable font into a
+class-folder root (``<root>/<class>/<font>.png``, one sub-folder per character), which
+``cmce experiment --data`` reads. ``<root>/glyphs.json`` records the packages and versions,
+every font file (package, path, sha256, what became of it), the characters, the render
+settings and the counts.
 
 Which fonts are used (:func:`render_glyphs`):
 
@@ -36,11 +40,13 @@ byte-identical PNGs, and adding or dropping a font changes no other font's image
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
 import logging
 import os
+import random
 import re
 import string
 import subprocess
@@ -70,13 +76,19 @@ from query_sdk.fileio import atomic_path, folder_transaction
 
 __all__ = [
     "DEFAULT_CHARS",
+    "FONT_SETS",
+    "GLYPHS",
+    "HAN",
+    "HAN_PACKAGES",
     "MANIFEST_NAME",
     "PACKAGES",
+    "FontSet",
     "RENDER_VERSION",
     "SELECTION_VERSION",
     "class_name",
     "fetch_glyphs",
     "glyphs_dir",
+    "han_characters",
     "render_glyphs",
 ]
 
@@ -195,6 +207,65 @@ PACKAGES: tuple[str, ...] = (
     "fonts-yrsa-rasa",
     "fonts-3270",
 )
+
+
+def han_characters(count: int, seed: int = 0) -> str:
+    """``count`` characters of GB2312 level 1 (rows 0xB0-0xD7: the 3,755 most common Chinese
+    characters), a seeded draw; the draws of one seed extend each other."""
+    chars = []
+    for row in range(0xB0, 0xD8):
+        for cell in range(0xA1, 0xFF):
+            with contextlib.suppress(UnicodeDecodeError):  # the unused end of row 0xD7
+                chars.append(bytes([row, cell]).decode("gb2312"))
+    if not 1 <= count <= len(chars):
+        raise ValueError(f"the number of Han characters must be in 1..{len(chars)}, got {count}")
+    random.Random(seed).shuffle(chars)
+    return "".join(chars[:count])
+
+
+#: Debian packages whose fonts draw the common simplified Chinese characters (about 300 MB of
+#: .deb files; Japanese and traditional-only fonts lack too many of them and are left out).
+HAN_PACKAGES: tuple[str, ...] = (
+    "fonts-arphic-gbsn00lp",
+    "fonts-arphic-gkai00mp",
+    "fonts-arphic-ukai",
+    "fonts-arphic-uming",
+    "fonts-babelstone-han",
+    "fonts-hanazono",
+    "fonts-lxgw-wenkai",
+    "fonts-noto-cjk",
+    "fonts-noto-cjk-extra",
+    "fonts-wqy-microhei",
+    "fonts-wqy-zenhei",
+)
+
+
+@dataclass(frozen=True)
+class FontSet:
+    """A built-in rendered dataset: ``chars`` drawn in the fonts of ``packages``, fetched into
+    the folder ``name`` (also its ``cmce data`` and ``cmce demo --preset`` name)."""
+
+    name: str
+    packages: tuple[str, ...]
+    chars: str
+    about: str  # what it is and what it downloads, for help and error messages
+
+
+GLYPHS = FontSet(
+    "glyphs",
+    PACKAGES,
+    DEFAULT_CHARS,
+    f"100 Latin characters in the fonts of {len(PACKAGES)} Debian packages, about 110 MB of"
+    " downloads",
+)
+HAN = FontSet(
+    "han",
+    HAN_PACKAGES,
+    han_characters(600),
+    f"600 Han characters in the fonts of {len(HAN_PACKAGES)} Debian packages, about 300 MB of"
+    " downloads",
+)
+FONT_SETS = {s.name: s for s in (GLYPHS, HAN)}
 FONT_SUFFIXES = (".ttf", ".otf", ".ttc", ".otc")
 #: File-name patterns (lower case) of fonts whose letters are not letters.
 _EXCLUDED_FILES = {
@@ -714,12 +785,12 @@ def render_glyphs(
 # --------------------------------------------------------------------------------- fetch
 
 
-def _search_dirs() -> list[Path]:
+def _search_dirs(name: str) -> list[Path]:
     dirs = []
     env = os.environ.get("CMCE_DATA")
     if env:
-        dirs.append(Path(env).expanduser() / "glyphs")
-    dirs.append(cache_dir("glyphs"))
+        dirs.append(Path(env).expanduser() / name)
+    dirs.append(cache_dir(name))
     return dirs
 
 
@@ -742,25 +813,25 @@ def _is_current(root: Path, chars: str | None = None) -> bool:
     )
 
 
-def _missing_message(searched: Sequence[Path]) -> str:
-    folders = "\n".join(f"  {d}" for d in searched)
+def _missing_message(font_set: FontSet) -> str:
+    folders = "\n".join(f"  {d}" for d in _search_dirs(font_set.name))
     return (
-        f"the glyphs dataset (version {RENDER_VERSION}.{SELECTION_VERSION}) was not found in:"
-        f"\n{folders}\n"
-        "Get it with:  cmce data fetch glyphs   (apt-get download of "
-        f"{len(PACKAGES)} Debian font packages, about 100 MB, + dpkg -x; no root needed)\n"
-        "or set CMCE_DATA=DIR to use DIR/glyphs."
+        f"the {font_set.name} dataset (version {RENDER_VERSION}.{SELECTION_VERSION}) was not "
+        f"found in:\n{folders}\n"
+        f"Get it with:  cmce data fetch {font_set.name}   ({font_set.about}; apt-get download "
+        "+ dpkg -x, no root needed)\n"
+        f"or set CMCE_DATA=DIR to use DIR/{font_set.name}."
     )
 
 
-def glyphs_dir() -> Path:
-    """The glyphs root: ``$CMCE_DATA/glyphs``, then ``${XDG_CACHE_HOME:-~/.cache}/cmce/glyphs``,
-    whichever holds a ``glyphs.json`` of this code's versions; DatasetMissing if none."""
-    searched = _search_dirs()
-    for folder in searched:
+def glyphs_dir(name: str = "glyphs") -> Path:
+    """The root of the built-in font set ``name`` (:data:`FONT_SETS`): ``$CMCE_DATA/<name>``,
+    then ``${XDG_CACHE_HOME:-~/.cache}/cmce/<name>``, whichever holds a ``glyphs.json`` of this
+    code's versions; DatasetMissing if none."""
+    for folder in _search_dirs(name):
         if _is_current(folder):
             return folder
-    raise DatasetMissing(_missing_message(searched))
+    raise DatasetMissing(_missing_message(FONT_SETS[name]))
 
 
 def _deb_version(deb: Path) -> str:
@@ -785,27 +856,26 @@ def _download(packages: Sequence[str], workdir: Path) -> tuple[list[Path], list[
     return debs, missing
 
 
-def fetch_glyphs(
-    dest: Path | None = None, packages: Sequence[str] = PACKAGES, chars: str = DEFAULT_CHARS
-) -> Path:
-    """Make the glyphs dataset (``chars`` drawn in the fonts of ``packages``) available and
+def fetch_glyphs(dest: Path | None = None, font_set: FontSet = GLYPHS) -> Path:
+    """Make ``font_set`` (its characters drawn in the fonts of its packages) available and
     return its root.
 
     Nothing happens when ``dest`` (default: the first of :func:`glyphs_dir`'s folders that has
-    it, else ``${XDG_CACHE_HOME:-~/.cache}/cmce/glyphs``) already holds this code's versions
-    (:data:`RENDER_VERSION`, :data:`SELECTION_VERSION`).
-    Otherwise ``packages`` are fetched with ``apt-get download`` + ``dpkg -x`` into a temporary
-    folder and rendered into ``dest`` all-or-nothing.
+    it, else ``${XDG_CACHE_HOME:-~/.cache}/cmce/<name>``) already holds a rendering of this
+    code's versions (:data:`RENDER_VERSION`, :data:`SELECTION_VERSION`; of these characters,
+    when ``dest`` is given). Otherwise the packages are fetched with ``apt-get download`` +
+    ``dpkg -x`` into a temporary folder and rendered into the root all-or-nothing.
     """
+    packages, chars = font_set.packages, font_set.chars
     if dest is None:
         try:
-            return glyphs_dir()
+            return glyphs_dir(font_set.name)
         except DatasetMissing:
-            target = cache_dir("glyphs")
+            target = cache_dir(font_set.name)
     else:
         target = Path(dest).expanduser()
         if _is_current(target, chars):
-            logger.info("glyphs already present in %s", target)
+            logger.info("%s already present in %s", font_set.name, target)
             return target
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cmce-glyphs-") as work:
@@ -829,7 +899,7 @@ def fetch_glyphs(
                     if usable and path.is_file():
                         fonts[path] = {"package": name, "path": f"/{path.relative_to(root)}"}
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-            raise DatasetMissing(f"{_missing_message(_search_dirs())}\nFetching failed: {e}") from e
+            raise DatasetMissing(f"{_missing_message(font_set)}\nFetching failed: {e}") from e
         download_seconds = time.perf_counter() - started
         target.parent.mkdir(parents=True, exist_ok=True)
         with folder_transaction(target, start="empty") as stage:
@@ -846,7 +916,8 @@ def fetch_glyphs(
             )
     counts = manifest["counts"]
     logger.info(
-        "glyphs: %d packages (%.1f MB), %d fonts, %d classes, %d images in %.0f s -> %s",
+        "%s: %d packages (%.1f MB), %d fonts, %d classes, %d images in %.0f s -> %s",
+        font_set.name,
         len(package_records),
         sum(p["bytes"] for p in package_records) / 1e6,
         counts["fonts"],

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gallery_builder.data.datasets import DataError, decode_image, list_image_folder, load_source
+from gallery_builder.data.glyphs import FONT_SETS, glyphs_dir
 from query_sdk.spec import InputSpec, to_model_input
 
 __all__ = ["GalleryItem", "ItemSource", "open_source"]
@@ -78,10 +79,8 @@ class ItemSource:
 
 def open_source(source: str, start: int = 0) -> ItemSource:
     """List the items of a source; ``start`` offsets positions (for adding to a gallery)."""
-    if source == "glyphs":  # the fetched glyphs root, an image folder
-        from gallery_builder.data.glyphs import glyphs_dir
-
-        source = str(glyphs_dir())
+    if source in FONT_SETS:  # the fetched root of a font set, an image folder
+        source = str(glyphs_dir(source))
     path = Path(source).expanduser()
     if source in BUILTINS:
         data = load_source(source)
@@ -103,7 +102,7 @@ def open_source(source: str, start: int = 0) -> ItemSource:
         return ItemSource(source, _read_list(path, start))
     raise DataError(
         f"unknown gallery source {source!r}: an image folder, a list file "
-        f"(path[,id[,payload-json]] per line) or one of {', '.join(BUILTINS)}, glyphs"
+        f"(path[,id[,payload-json]] per line) or one of {', '.join((*BUILTINS, *FONT_SETS))}"
     )
 
 

@@ -34,6 +34,7 @@ from gallery_builder.data.datasets import (
     load_fashion_mnist,
     load_image_folder,
 )
+from gallery_builder.data.glyphs import FONT_SETS, glyphs_dir
 from gallery_builder.data.splits import (
     PARTS,
     SplitSettings,
@@ -81,7 +82,7 @@ __all__ = [
 ]
 
 #: Built-in datasets a config's ``dataset`` can name (anything else labels a folder).
-BUILTIN_DATASETS = ("fashion-mnist", "digits", "glyphs")
+BUILTIN_DATASETS = ("fashion-mnist", "digits", *FONT_SETS)
 #: Files sampled to find a folder's most common image size, and training images sampled for
 #: the mean and std of an input spec.
 SHAPE_SAMPLE = 2000
@@ -451,12 +452,11 @@ def load_splits(cfg: ExperimentConfig) -> Splits:
 
 
 def _on_glyphs_root(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The glyphs dataset is a class-folder root like any other (DatasetMissing if absent)."""
-    if cfg.dataset != "glyphs" or cfg.on_folders:
+    """A font set (glyphs, han) is a class-folder root like any other (DatasetMissing if
+    absent)."""
+    if cfg.dataset not in FONT_SETS or cfg.on_folders:
         return cfg
-    from gallery_builder.data.glyphs import glyphs_dir
-
-    return replace(cfg, data=glyphs_dir())
+    return replace(cfg, data=glyphs_dir(cfg.dataset))
 
 
 def _open_set_parts(cfg: ExperimentConfig) -> tuple[dict, dict, list, str]:
