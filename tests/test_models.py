@@ -33,13 +33,7 @@ from gallery_builder.models.checkpoint import (
     CheckpointError,
     fingerprint,
 )
-from gallery_builder.training.fit import (
-    TrainSettings,
-    fit,
-    metric_loss,
-    train_distilled,
-    train_metric,
-)
+from gallery_builder.training.fit import TrainSettings, fit, train_distilled, train_metric
 from gallery_builder.training.heads import HeadSettings
 from query_sdk.errors import DataError
 from query_sdk.spec import InputSpec
@@ -480,20 +474,6 @@ def test_metric_training_takes_at_least_steps_per_class_steps_per_class():
     assert counts == {24}
     with pytest.raises(ValueError, match="steps_per_class must be at least 0, got -1"):
         TrainSettings(steps_per_class=-1)
-
-
-def test_metric_loss_proxies_start_on_the_unit_sphere_and_only_their_direction_counts():
-    torch.manual_seed(0)
-    loss = metric_loss(12, 32, 0.05)
-    assert torch.allclose(loss.W.norm(dim=0), torch.ones(12))
-    emb, labels = F.normalize(torch.randn(40, 32), dim=1), torch.arange(40) % 12
-    before = loss(emb, labels)
-    with torch.no_grad():
-        loss.W.mul_(torch.rand(12) * 20 + 0.5)  # any lengths: the same loss
-    assert torch.allclose(loss(emb, labels), before, atol=1e-5)
-    with torch.no_grad():
-        loss.W.copy_(torch.randn(32, 12))  # other directions: another loss
-    assert not torch.allclose(loss(emb, labels), before, atol=1e-2)
 
 
 def test_settings_and_data_the_fit_loop_cannot_train_with_are_refused():

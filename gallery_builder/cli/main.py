@@ -499,12 +499,7 @@ def _fit(
         save_model,
     )
     from gallery_builder.training.augment import Augment
-    from gallery_builder.training.fit import (
-        METRIC_LOSS,
-        TrainSettings,
-        train_distilled,
-        train_metric,
-    )
+    from gallery_builder.training.fit import TrainSettings, train_distilled, train_metric
     from query_sdk.fileio import parse_json
 
     if model_role(arch) != role and teacher_dir is None:
@@ -545,7 +540,7 @@ def _fit(
     else:
         model = create_model(arch, spec, embedding_dim, **kw)
         train_metric(model, images.images[index], images.labels[index], settings)
-        training["loss"] = METRIC_LOSS
+        training["loss"] = "normalized_softmax"
     identity = registered_identity(arch, spec, embedding_dim, **kw)
     config = save_model(out, model, identity, role, training)
     click.echo(

@@ -59,7 +59,7 @@ from gallery_builder.models import (
     save_model,
 )
 from gallery_builder.models.checkpoint import CheckpointError, read_config
-from gallery_builder.training.fit import METRIC_LOSS, TrainSettings, train_distilled, train_metric
+from gallery_builder.training.fit import TrainSettings, train_distilled, train_metric
 from gallery_builder.training.heads import OPEN_SET_HEADS, HeadSettings
 from query_sdk.errors import DataError
 from query_sdk.spec import InputSpec, to_model_input
@@ -587,7 +587,7 @@ def _model_record(ms: ModelSpec, cfg: ExperimentConfig, train: ImageSet) -> tupl
         "data": train.name,
         "images": len(_subset_index(len(train), ms.subset, ms.train.seed)),
         "subset": ms.subset,
-        "loss": METRIC_LOSS,
+        "loss": "normalized_softmax",
         "settings": ms.train.to_dict(),
     }
     return identity, training

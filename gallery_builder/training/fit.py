@@ -12,7 +12,6 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pytorch_metric_learning.losses import NormalizedSoftmaxLoss
 from tqdm.auto import tqdm
 
@@ -21,13 +20,11 @@ from gallery_builder.training.augment import Augment
 from query_sdk.errors import DataError
 
 __all__ = [
-    "METRIC_LOSS",
     "FitSettings",
     "TrainSettings",
     "check_settings",
     "planned_epochs",
     "fit",
-    "metric_loss",
     "train_metric",
     "train_distilled",
     "embed",
@@ -243,18 +240,6 @@ def _fit_model(
     return model
 
 
-#: The metric-learning loss, as checkpoints record it (a cached model trained otherwise is stale).
-METRIC_LOSS = "normalized_softmax (unit-norm proxies at start)"
-
-
-def metric_loss(classes: int, dim: int, temperature: float) -> NormalizedSoftmaxLoss:
-    """The normalised-softmax loss over ``classes`` proxies of ``dim``, each of unit norm."""
-    loss = NormalizedSoftmaxLoss(classes, dim, temperature)
-    with torch.no_grad():
-        loss.W.copy_(F.normalize(loss.W, dim=0))
-    return loss
-
-
 def train_metric(
     model: EmbeddingNet,
     images: np.ndarray,
@@ -263,18 +248,9 @@ def train_metric(
     desc: str = "train",
     progress: bool = True,
 ) -> EmbeddingNet:
-    """Metric learning with a normalised-softmax loss (pytorch-metric-learning) whose class
-    proxies start on the unit sphere (:data:`METRIC_LOSS`).
-
-    The loss compares normalised proxies, so only their directions matter, and Adam moves each
-    weight by about the learning rate per step: at the library's initialisation (a norm of
-    about sqrt(dim)) a proxy turns sqrt(dim) times slower than at unit norm. On 600 Han
-    characters (240 training classes) the update study's old query model (600 steps) reached
-    Recall@1 37.5 with unit proxies against 4.8, and the query model (1,200 steps) 97.7 against
-    97.2.
-    """
+    """Metric learning with a normalised-softmax loss (pytorch-metric-learning)."""
     labels_t = torch.as_tensor(labels, dtype=torch.long)
-    loss = metric_loss(int(labels_t.max()) + 1, model.embedding_dim, s.temperature)
+    loss = NormalizedSoftmaxLoss(int(labels_t.max()) + 1, model.embedding_dim, s.temperature)
     return _fit_model(
         model,
         images,
