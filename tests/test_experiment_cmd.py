@@ -164,7 +164,7 @@ def test_optional_unset_and_list_elements_start_from_the_base_by_name(tmp_path):
 
 
 def test_presets_are_config_files():
-    assert {"default", "quick", "digits", "glyphs"} <= set(preset_names())
+    assert {"default", "quick", "digits", "glyphs", "han"} <= set(preset_names())
     fashion, quick = load_config("default"), load_config("quick")
     assert fashion.dataset == quick.dataset == "fashion-mnist" and fashion.split.val_share == 0.1
     assert all(m.train.augment.flip for m in (*fashion.gallery_models, fashion.query_model))

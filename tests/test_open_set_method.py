@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gallery_builder.evaluation.experiment import ExperimentConfig
 from gallery_builder.evaluation.fusion_fit import fit_weights, recommended, write_recommendation
 from gallery_builder.evaluation.metrics import retrieval_metrics
 from gallery_builder.training.augment import Augment
@@ -75,6 +76,14 @@ def test_step_budget_rises_to_steps_per_class_on_many_classes():
     assert s.for_classes(400).steps == 2000
     assert s.for_classes(401).steps == 2005 and s.for_classes(401).steps_per_class == 5
     assert TrainSettings(steps=1000, steps_per_class=0).for_classes(10**4).steps == 1000
+
+
+def test_old_query_model_has_half_the_images_and_steps_but_the_full_per_class_floor():
+    cfg = ExperimentConfig()
+    old, new = cfg.old_query_model.train, cfg.query_model.train
+    assert cfg.old_query_model.subset == 0.5 and old.steps == new.steps // 2
+    assert old.for_classes(40).steps == 500 < new.for_classes(40).steps  # few classes: half
+    assert old.for_classes(240).steps == new.for_classes(240).steps == 1200  # the floor
 
 
 def test_weighted_fusion_ignores_a_zero_weight_member():
