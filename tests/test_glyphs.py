@@ -310,3 +310,6 @@ def test_fetch_unpacks_packages_renders_and_then_is_a_no_op(isolated, monkeypatc
     assert CliRunner().invoke(cli, ["data", "where", "han"]).output.strip() == str(han)
     assert len(load_source("han")) == len(open_source("han")) == 2 * 2  # two fonts x AB
     assert load_config("han").dataset == "han"  # `cmce demo --preset han` reads it
+    # a set of one's own, without a folder: the cache folder of its name
+    mine = fetch_glyphs(font_set=FontSet("mine", ("fonts-two",), "q", "one letter"))
+    assert mine == isolated / "cache" / "cmce" / "mine" and (mine / "0071_q").is_dir()

@@ -99,8 +99,9 @@ def data_fetch(name: str, dest: Path | None) -> None:
 
     \b
     fashion-mnist  the IDX files (torchvision's downloader as a fallback)
-    glyphs         100 Latin characters rendered from the fonts of 87 font packages
-                   (about 110 MB of downloads; ~600 images per class)
+    glyphs         100 characters (Latin letters, digits, signs) rendered from the
+                   fonts of 87 font packages (about 110 MB of downloads; ~600
+                   images per class)
     han            600 Chinese characters rendered from the fonts of 11 CJK font
                    packages (about 300 MB of downloads; ~43 images per class)
 
@@ -238,7 +239,8 @@ def demo(out: Path, quick: bool, preset: str | None) -> None:
     """`cmce experiment` on a built-in dataset with a preset config: fetch the data if
     missing, train (or reuse cached) models and heads, evaluate every setting, write
     report.md, report.json and PNG plots. Presets: default and quick (Fashion-MNIST, closed
-    set), digits (scikit-learn's, closed set), glyphs (100 Latin characters rendered from
+    set), digits (scikit-learn's, closed set), glyphs (100 characters, Latin letters, digits
+    and signs, rendered from
     Debian's fonts, open set: few classes, many images each) and han (600 Chinese characters,
     open set: many classes, few images each, like face identification).
 

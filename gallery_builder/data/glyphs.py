@@ -1,9 +1,9 @@
 """Built-in open-set datasets: characters rendered from the fonts of Debian font packages.
 
-Two font sets (:data:`FONT_SETS`): ``glyphs``, 100 Latin characters (:data:`DEFAULT_CHARS`) in
-the fonts of 87 packages (:data:`PACKAGES`: few classes, ~600 images each), and ``han``, 600
-common Chinese characters (:func:`han_characters`) in the CJK fonts of 11 packages
-(:data:`HAN_PACKAGES`: many classes, ~43 images each, the regime of face identification).
+Two font sets (:data:`FONT_SETS`): ``glyphs``, 100 characters (Latin letters, digits, signs:
+:data:`DEFAULT_CHARS`) in the fonts of 87 packages (:data:`PACKAGES`: few classes, ~600 images
+each), and ``han``, 600 common Chinese characters (:func:`han_characters`) in the CJK fonts of 11
+packages (:data:`HAN_PACKAGES`: many classes, ~43 images each, the regime of face identification).
 :func:`fetch_glyphs` downloads a set's packages with ``apt-get download``, unpacks them with
 ``dpkg -x`` (no root needed) and renders every character in every usable font into a
 class-folder root (``<root>/<class>/<font>.png``, one sub-folder per character), which
@@ -117,7 +117,7 @@ MAX_STYLES_PER_FAMILY = 4
 #: Two fonts whose canonical renderings differ by less than this RMS (0..1 grey) are one font.
 DUPLICATE_RMS = 0.02
 
-#: The Debian packages fetched (Latin text fonts; about 100 MB of .deb files).
+#: The Debian packages of the glyphs set (Latin text fonts; about 110 MB of .deb files).
 PACKAGES: tuple[str, ...] = (
     "fonts-adf-accanthis",
     "fonts-adf-baskervald",
@@ -242,8 +242,8 @@ HAN_PACKAGES: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class FontSet:
-    """A built-in rendered dataset: ``chars`` drawn in the fonts of ``packages``, fetched into
-    the folder ``name`` (also its ``cmce data`` and ``cmce demo --preset`` name)."""
+    """A rendered dataset: ``chars`` drawn in the fonts of ``packages``, fetched into the folder
+    ``name`` (for the built-in ones also their ``cmce data`` name and preset)."""
 
     name: str
     packages: tuple[str, ...]
@@ -255,8 +255,8 @@ GLYPHS = FontSet(
     "glyphs",
     PACKAGES,
     DEFAULT_CHARS,
-    f"100 Latin characters in the fonts of {len(PACKAGES)} Debian packages, about 110 MB of"
-    " downloads",
+    f"100 characters (Latin letters, digits, signs) in the fonts of {len(PACKAGES)} Debian"
+    " packages, about 110 MB of downloads",
 )
 HAN = FontSet(
     "han",
@@ -828,10 +828,13 @@ def glyphs_dir(name: str = "glyphs") -> Path:
     """The root of the built-in font set ``name`` (:data:`FONT_SETS`): ``$CMCE_DATA/<name>``,
     then ``${XDG_CACHE_HOME:-~/.cache}/cmce/<name>``, whichever holds a ``glyphs.json`` of this
     code's versions; DatasetMissing if none."""
-    for folder in _search_dirs(name):
-        if _is_current(folder):
-            return folder
-    raise DatasetMissing(_missing_message(FONT_SETS[name]))
+    if (found := _found(name)) is None:
+        raise DatasetMissing(_missing_message(FONT_SETS[name]))
+    return found
+
+
+def _found(name: str) -> Path | None:
+    return next((d for d in _search_dirs(name) if _is_current(d)), None)
 
 
 def _deb_version(deb: Path) -> str:
@@ -868,10 +871,9 @@ def fetch_glyphs(dest: Path | None = None, font_set: FontSet = GLYPHS) -> Path:
     """
     packages, chars = font_set.packages, font_set.chars
     if dest is None:
-        try:
-            return glyphs_dir(font_set.name)
-        except DatasetMissing:
-            target = cache_dir(font_set.name)
+        if (found := _found(font_set.name)) is not None:
+            return found
+        target = cache_dir(font_set.name)
     else:
         target = Path(dest).expanduser()
         if _is_current(target, chars):
