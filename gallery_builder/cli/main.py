@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from gallery_builder.cli.options import TRUST_FLAG, trust_option
-from gallery_builder.data.glyphs import FONT_SETS
+from gallery_builder.data.font_sets import FONT_SETS
 from gallery_builder.evaluation.config import preset_files
 from query_sdk.errors import CheckpointError, DataError, cli_errors
 from query_sdk.spec import InputSpec
