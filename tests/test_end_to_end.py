@@ -7,6 +7,7 @@ import json
 import pytest
 from PIL import Image
 
+from gallery_builder.evaluation.metrics import CEILING_PULLS
 from gallery_builder.training.heads import load_heads
 
 SETTING_KEYS = {"recall_at_1", "recall_at_1_std", "recall_at_5", "map_at_r"}
@@ -43,6 +44,11 @@ def test_report_follows_the_contract(run):
         # nothing is rejected at full coverage: every rule starts at the same score
         assert view["score"][0] == pytest.approx(view["score_random"][0], abs=1e-6)
     assert set(on_disk["update"]) >= {"old_query_recall_at_1", "new_query_recall_at_1"}
+    ceiling = on_disk["gallery_ceiling"]
+    assert ceiling["mode"] == on_disk["default_mode"]
+    for key in ("recall_at_1", "map_at_r"):
+        assert 0.0 < ceiling[key] <= 1.0
+        assert ceiling[f"{key}_pull"] is None or ceiling[f"{key}_pull"] in CEILING_PULLS
     models = on_disk["models"]
     assert models["query"]["mflops"] < min(models[g]["mflops"] for g in names)
     assert all(m["params"] > 0 for m in models.values())
@@ -94,6 +100,7 @@ def test_artifacts_are_written(run):
             assert im.format == "PNG" and im.width > 400
     md = (out / "report.md").read_text()
     assert f"**{report['default_mode']}:ensemble**" in md
+    assert f"(ceiling {100 * report['gallery_ceiling']['recall_at_1']:.2f}: " in md
     stages = report["stage_seconds"]  # trained from scratch here, so each stage took time
     assert {"gallery models", "embeddings", "distilled models", "update study"} <= set(stages)
     assert stages["gallery models"] > 0 and stages["distilled models"] > 0

@@ -8,7 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gallery_builder.evaluation.metrics import recall_at_1, retrieval_metrics, search
+from gallery_builder.evaluation.metrics import (
+    gallery_ceiling,
+    recall_at_1,
+    retrieval_metrics,
+    search,
+)
 
 
 def unit(degrees: float) -> list[float]:
@@ -120,3 +125,24 @@ def test_against_pytorch_metric_learning(seed):
     assert 0.2 < ours["recall_at_1"] < 0.95
     assert ours["recall_at_1"] == pytest.approx(theirs["precision_at_1"], abs=1e-9)
     assert ours["map_at_r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-5)
+
+
+def test_gallery_ceiling_moves_the_gallery_towards_its_class_means():
+    raw = retrieval_metrics(QUERY, QUERY_LABELS, GALLERY, GALLERY_LABELS)
+    ceiling = gallery_ceiling(QUERY, QUERY_LABELS, GALLERY, GALLERY_LABELS)
+    # q2 (200 deg) is nearest to g3 (150 deg, class 1); pulled towards class 1's mean (120 deg),
+    # g3 falls behind g4 (270 deg, class 2): a hit. q1 (80 deg) stays nearer class 1 (120 deg)
+    # than class 0 (15 deg) however far the gallery moves.
+    assert raw["recall_at_1"] == pytest.approx(1 / 3)
+    assert ceiling["recall_at_1"] == pytest.approx(2 / 3)
+    assert ceiling["recall_at_1_pull"] != 0.0
+    assert ceiling["map_at_r"] >= raw["map_at_r"]
+
+
+def test_gallery_ceiling_of_one_image_per_class_is_the_gallery_itself():
+    gallery, labels = GALLERY[[0, 2, 4]], torch.tensor([0, 1, 2])
+    raw = retrieval_metrics(QUERY, QUERY_LABELS, gallery, labels)
+    ceiling = gallery_ceiling(QUERY, QUERY_LABELS, gallery, labels)
+    for key in ("recall_at_1", "map_at_r"):
+        assert ceiling[key] == pytest.approx(raw[key])
+        assert ceiling[f"{key}_pull"] == 0.0  # no pull does better, so the first stands

@@ -7,9 +7,15 @@ items of its label, the mean over the top R ranks of precision@i counted at rele
 
 from __future__ import annotations
 
-import torch
+import math
 
-__all__ = ["search", "retrieval_metrics", "scored_metrics", "recall_at_1"]
+import torch
+import torch.nn.functional as F
+
+__all__ = ["search", "retrieval_metrics", "scored_metrics", "recall_at_1", "gallery_ceiling"]
+
+#: How far the ceiling moves each gallery vector towards its class's mean (inf: onto it).
+CEILING_PULLS = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
 
 
 @torch.no_grad()
@@ -82,3 +88,32 @@ def scored_metrics(
         map_sum += ap[rq > 0].sum().item()
     n = n_queries
     return {"recall_at_1": hits1 / n, "recall_at_5": hits5 / n, "map_at_r": map_sum / n}
+
+
+@torch.no_grad()
+def gallery_ceiling(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor,
+    gallery_labels: torch.Tensor,
+) -> dict:
+    """What a gallery side could reach against these query vectors if it knew every gallery
+    image's class: each gallery vector moved towards its class's mean (``g + pull * mean``,
+    ``pull`` in :data:`CEILING_PULLS`), the best Recall@1 and the best MAP@R over the pulls,
+    each with its pull (``None``: the class mean itself).
+
+    A bound read off the labels, never a deployable setting: it tells how much any gallery
+    ensemble can add to a given query model.
+    """
+    gallery_labels = torch.as_tensor(gallery_labels)
+    g = F.normalize(gallery.float(), dim=-1)
+    sums = torch.zeros(int(gallery_labels.max()) + 1, g.shape[1]).index_add_(0, gallery_labels, g)
+    mean = F.normalize(sums, dim=-1)[gallery_labels]
+    out: dict = {}
+    for pull in CEILING_PULLS:
+        moved = mean if math.isinf(pull) else F.normalize(g + pull * mean, dim=-1)
+        m = retrieval_metrics(query, query_labels, moved, gallery_labels)
+        for key in ("recall_at_1", "map_at_r"):
+            if key not in out or m[key] > out[key]:
+                out[key], out[f"{key}_pull"] = m[key], None if math.isinf(pull) else pull
+    return out

@@ -170,18 +170,34 @@ def _gap_sentence(report: dict) -> str:
     kd = [n for n in s if n.startswith("kd:")]
     if not sym or not kd or ens not in s:
         return ""
+    ceiling = report.get("gallery_ceiling")
     parts = []
     for key, label in (("recall_at_1", "Recall@1"), ("map_at_r", "MAP@R")):
         best_sym = max(sym, key=lambda n: s[n][key])
         best_kd = max(kd, key=lambda n: s[n][key])
         gap = s[best_sym][key] - s[best_kd][key]
-        closed = (s[ens][key] - s[best_kd][key]) / gap if gap > 0 else float("nan")
-        parts.append(
+        text = (
             f"{label}: best `kd` {best_kd} {_pct(s[best_kd][key])}, best `sym` {best_sym} "
             f"{_pct(s[best_sym][key])}, `{ens}` {_pct(s[ens][key])} — "
-            + (f"it closes {100 * closed:.0f}% of the gap" if gap > 0 else "no gap to close")
         )
-    return "Gap between distillation and the gallery models themselves: " + "; ".join(parts) + "."
+        if gap <= 0:
+            parts.append(text + "no gap to close")
+            continue
+        text += f"it closes {100 * (s[ens][key] - s[best_kd][key]) / gap:.0f}% of the gap"
+        if ceiling:
+            share = (ceiling[key] - s[best_kd][key]) / gap
+            text += f" (ceiling {_pct(ceiling[key])}: {100 * share:.0f}%)"
+        parts.append(text)
+    out = "Gap between distillation and the gallery models themselves: " + "; ".join(parts) + "."
+    if ceiling:
+        out += (
+            "\n\nCeiling: what a gallery side that knew every gallery image's class would reach "
+            f"with this query side ({ceiling['mode']} mode): each gallery vector moved towards "
+            "its class's mean, the best over how far. A bound read off the search classes' "
+            "labels, not a setting: about the most a better gallery side can add to this query "
+            "model."
+        )
+    return out
 
 
 def _against_n_tables(report: dict) -> str:

@@ -31,7 +31,12 @@ from gallery_builder.evaluation.experiment import (
     load_splits,
 )
 from gallery_builder.evaluation.fusion_fit import fit_weights, write_recommendation
-from gallery_builder.evaluation.metrics import recall_at_1, retrieval_metrics, search
+from gallery_builder.evaluation.metrics import (
+    gallery_ceiling,
+    recall_at_1,
+    retrieval_metrics,
+    search,
+)
 from gallery_builder.evaluation.parallel import train_models, worker_count
 from gallery_builder.evaluation.rejection import (
     GALLERY_COVERAGE,
@@ -237,11 +242,13 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
                 for p in _PARTS
             }
             diversity[axis] = {"models": names, **_against_n(axis_heads, axis_raw, score)}
+    heads = first[default_mode]["heads"]
+    qv = heads.encode_query(eq.query)
+    with torch.no_grad():  # the most any gallery side could add to this query side
+        own = heads.transform_gallery(QUERY_MEMBER, eq.gallery.float())
+    ceiling = gallery_ceiling(qv, score.labels["query"], own, score.labels["gallery"])
     with stage("rejection"):
-        f = first[default_mode]
-        heads = f["heads"]
         gv, unc = heads.encode_gallery(raw["gallery"])
-        qv = heads.encode_query(eq.query)
         rejection = _rejection(gv, unc, qv, score.labels["gallery"], score.labels["query"])
     with stage("update study"):
         update = {
@@ -276,6 +283,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
         "settings": settings,
         "validation": val,
         "recommendation": recommendation,
+        "gallery_ceiling": {"mode": default_mode, **ceiling},
         "against_n": against_n,
         "diversity": {"mode": default_mode, "axes": diversity},
         "rejection": rejection,
