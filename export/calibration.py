@@ -1,12 +1,12 @@
 """Real images for calibration (int8) and validation, checked against the model's input spec.
 
-A source is a built-in name (``fashion-mnist:train``, ``fashion-mnist:test``, ``digits``), an
-image folder (one sub-folder per class; files are decoded to the spec's size and channels, as the
-gallery builder does) or a ``.npy`` file holding uint8 images (N, H, W, C) exactly as the app
-passes them (memory-mapped, so only the images picked are read). Built-in and ``.npy`` images
-must already have the spec's shape: a mismatch is an error naming the expected shape, never a
-silent resize. When calibration and validation use the same source they get disjoint images, so
-validation is always on held-out images.
+A source is a built-in name (``fashion-mnist:train``, ``fashion-mnist:test``, ``digits``, the
+font sets ``glyphs`` and ``han``), an image folder (one sub-folder per class; files are decoded
+to the spec's size and channels, as the gallery builder does) or a ``.npy`` file holding uint8
+images (N, H, W, C) exactly as the app passes them (memory-mapped, so only the images picked are
+read). Built-in and ``.npy`` images must already have the spec's shape: a mismatch is an error
+naming the expected shape, never a silent resize. When calibration and validation use the same
+source they get disjoint images, so validation is always on held-out images.
 """
 
 from __future__ import annotations

@@ -93,8 +93,8 @@ def _jobs(targets: tuple[str, ...], quants: tuple[str, ...]):
 )
 @click.option(
     "--calibration",
-    help="Images for int8 calibration: a built-in split "
-    "(fashion-mnist:train), an image folder or a .npy of uint8 "
+    help="Images for int8 calibration: a built-in set (fashion-mnist:train, "
+    "fashion-mnist:test, digits, glyphs, han), an image folder or a .npy of uint8 "
     "(N, H, W, C).",
 )
 @click.option(

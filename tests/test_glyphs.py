@@ -26,6 +26,7 @@ from gallery_builder.data import glyphs
 from gallery_builder.data.datasets import DatasetMissing, load_image_folder, load_source
 from gallery_builder.data.glyphs import (
     DEFAULT_CHARS,
+    FONT_SET_SPEC,
     FONT_SETS,
     GLYPHS,
     HAN,
@@ -230,6 +231,12 @@ def test_glyphs_dir_explains_how_to_fetch(isolated, rendered, monkeypatch):
     assert loaded.images.shape == (len(pngs(data / "glyphs")), 32, 32, 3)
     items = open_source("glyphs")
     assert len(items) == len(loaded) and items.items[0].class_name == class_name("(")
+    # `cmce train --data glyphs` knows the set's input spec, as it knows fashion-mnist's
+    args = ["train", "query", "--data", "glyphs", "--steps", "2", "--batch-size", "8"]
+    trained = CliRunner().invoke(cli, [*args, "--no-flip", "--out", str(isolated / "q")])
+    assert trained.exit_code == 0, trained.output
+    config = json.loads((isolated / "q" / "config.json").read_text())
+    assert InputSpec.from_dict(config["input_spec"]) == FONT_SET_SPEC
     manifest = json.loads((data / "glyphs" / MANIFEST_NAME).read_text())
     manifest["selection_version"] = glyphs.SELECTION_VERSION - 1  # made by older code
     (data / "glyphs" / MANIFEST_NAME).write_text(json.dumps(manifest))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from gallery_builder.cli.options import TRUST_FLAG, trust_option
-from gallery_builder.data.font_sets import FONT_SETS
+from gallery_builder.data.font_sets import FONT_SET_SPEC, FONT_SETS
 from gallery_builder.evaluation.config import preset_files
 from query_sdk.errors import CheckpointError, DataError, cli_errors
 from query_sdk.spec import InputSpec
@@ -28,6 +28,7 @@ DATASET_NAMES = ("fashion-mnist", *FONT_SETS)
 BUILTIN_SPECS = {
     "fashion-mnist": InputSpec(28, 28, 1, mean=(0.286,), std=(0.353,)),
     "digits": InputSpec(8, 8, 1, mean=(0.3,), std=(0.4,)),
+    **dict.fromkeys(FONT_SETS, FONT_SET_SPEC),
 }
 EMBEDDINGS_FILE = "train-embeddings.safetensors"
 
@@ -412,7 +413,8 @@ def _train_options(fn):
                 "source",
                 default="fashion-mnist:train",
                 show_default=True,
-                help="Training images: fashion-mnist:train, digits, or a class folder.",
+                help="Training images: fashion-mnist:train, digits, a font set (glyphs, han; "
+                "fetched with `cmce data fetch`) or a class folder.",
             ),
             click.option(
                 "--input-spec",

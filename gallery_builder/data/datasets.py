@@ -29,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from gallery_builder.data.font_sets import FONT_SET_SPEC, FONT_SETS
 from query_sdk.errors import DataError
 from query_sdk.fileio import atomic_path, folder_transaction
 from query_sdk.images import decode_image
 from query_sdk.spec import InputSpec, to_model_input
 
 __all__ = [
+    "BUILTIN_SOURCES",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_FILES",
     "IMAGE_SUFFIXES",
@@ -84,7 +86,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _DEB_NAME = "dataset-fashion-mnist"
 _DEB_DATA_DIR = Path("usr/share/datasets/fashion-mnist")
 _SPLITS = {"train": ("train", 60000), "test": ("t10k", 10000)}
-_BUILTIN_SOURCES = ("fashion-mnist:train", "fashion-mnist:test", "digits")
+BUILTIN_SOURCES = ("fashion-mnist:train", "fashion-mnist:test", "digits")
 
 
 class DatasetMissing(DataError):
@@ -514,11 +516,11 @@ def load_source(source: str, spec: InputSpec | None = None) -> ImageSet:
     Built-in names win over a folder of the same name (write ``./digits`` for the folder). With
     ``spec`` the built-ins are converted to its size and channels; a folder requires ``spec``.
     """
-    from gallery_builder.data.glyphs import FONT_SETS, glyphs_dir
+    from gallery_builder.data.glyphs import glyphs_dir
 
     if source in FONT_SETS:
-        return load_image_folder(glyphs_dir(source), spec or InputSpec(32, 32, 3))
-    if source.startswith("fashion-mnist:") and source in _BUILTIN_SOURCES:
+        return load_image_folder(glyphs_dir(source), spec or FONT_SET_SPEC)
+    if source.startswith("fashion-mnist:") and source in BUILTIN_SOURCES:
         data = load_fashion_mnist(source.split(":", 1)[1])
     elif source == "digits":
         data = load_digits()
@@ -527,7 +529,7 @@ def load_source(source: str, spec: InputSpec | None = None) -> ImageSet:
             raise DataError(f"{source}: an image folder needs an input spec to decode into")
         return load_image_folder(Path(source).expanduser(), spec)
     else:
-        allowed = ", ".join(repr(s) for s in (*_BUILTIN_SOURCES, *FONT_SETS))
+        allowed = ", ".join(repr(s) for s in (*BUILTIN_SOURCES, *FONT_SETS))
         raise DataError(
             f"unknown data source {source!r}: use {allowed} or the path of an image folder "
             "(one sub-folder per class)"

@@ -11,9 +11,12 @@ import random
 import string
 from dataclasses import dataclass
 
+from query_sdk.spec import InputSpec
+
 __all__ = [
     "DEFAULT_CHARS",
     "FONT_SETS",
+    "FONT_SET_SPEC",
     "GLYPHS",
     "HAN",
     "HAN_PACKAGES",
@@ -181,3 +184,8 @@ HAN = FontSet(
     " downloads",
 )
 FONT_SETS = {s.name: s for s in (GLYPHS, HAN)}
+
+#: The font sets' images as rendered: 32x32 RGB; mean and std per channel as measured on the
+#: training classes of both sets (0.49-0.50 and 0.28-0.29), for commands that take a font set
+#: without a split (``cmce train --data glyphs``); an experiment measures its own.
+FONT_SET_SPEC = InputSpec(32, 32, 3, mean=(0.49, 0.5, 0.5), std=(0.285, 0.29, 0.29))

@@ -71,6 +71,7 @@ from gallery_builder.data.datasets import (
 )
 from gallery_builder.data.font_sets import (
     DEFAULT_CHARS,
+    FONT_SET_SPEC,
     FONT_SETS,
     GLYPHS,
     HAN,
@@ -502,7 +503,7 @@ def render_glyphs(
     fonts: Sequence[Path],
     out: Path,
     chars: str = DEFAULT_CHARS,
-    size: int = 32,
+    size: int = FONT_SET_SPEC.height,
     sources: Mapping[Path, Mapping[str, str]] | None = None,
     min_coverage: float = MIN_COVERAGE,
     max_styles_per_family: int = MAX_STYLES_PER_FAMILY,

@@ -15,13 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from gallery_builder.data.datasets import DataError, decode_image, list_image_folder, load_source
+from gallery_builder.data.datasets import (
+    BUILTIN_SOURCES,
+    DataError,
+    decode_image,
+    list_image_folder,
+    load_source,
+)
 from gallery_builder.data.glyphs import FONT_SETS, glyphs_dir
 from query_sdk.spec import InputSpec, to_model_input
 
 __all__ = ["GalleryItem", "ItemSource", "open_source"]
-
-BUILTINS = ("fashion-mnist:train", "fashion-mnist:test", "digits")
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ def open_source(source: str, start: int = 0) -> ItemSource:
     if source in FONT_SETS:  # the fetched root of a font set, an image folder
         source = str(glyphs_dir(source))
     path = Path(source).expanduser()
-    if source in BUILTINS:
+    if source in BUILTIN_SOURCES:
         data = load_source(source)
         items = [
             GalleryItem(start + i, f"{source}/{i}", class_name=data.classes[int(label)])
@@ -102,7 +106,7 @@ def open_source(source: str, start: int = 0) -> ItemSource:
         return ItemSource(source, _read_list(path, start))
     raise DataError(
         f"unknown gallery source {source!r}: an image folder, a list file "
-        f"(path[,id[,payload-json]] per line) or one of {', '.join((*BUILTINS, *FONT_SETS))}"
+        f"(path[,id[,payload-json]] per line) or one of {', '.join((*BUILTIN_SOURCES, *FONT_SETS))}"
     )
 
 
