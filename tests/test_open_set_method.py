@@ -4,6 +4,7 @@ query model's own member, weights fitted on validation, and the recommendation f
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -76,6 +77,13 @@ def test_step_budget_rises_to_steps_per_class_on_many_classes():
     assert s.for_classes(400).steps == 2000
     assert s.for_classes(401).steps == 2005 and s.for_classes(401).steps_per_class == 5
     assert TrainSettings(steps=1000, steps_per_class=0).for_classes(10**4).steps == 1000
+
+
+def test_open_set_heads_train_for_steps_so_small_data_get_more_passes():
+    heads = ExperimentConfig().heads
+    assert heads.epochs is None
+    small, large = planned_epochs(heads, 40_000), planned_epochs(heads, 400_000)
+    assert small == round(heads.steps / math.ceil(40_000 / heads.batch_size)) > large >= 1
 
 
 def test_old_query_model_has_half_the_images_and_steps_but_the_full_per_class_floor():

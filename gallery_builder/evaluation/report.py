@@ -186,7 +186,8 @@ def _gap_sentence(report: dict) -> str:
         text += f"it closes {100 * (s[ens][key] - s[best_kd][key]) / gap:.0f}% of the gap"
         if ceiling:
             share = (ceiling[key] - s[best_kd][key]) / gap
-            text += f" (ceiling {_pct(ceiling[key])}: {100 * share:.0f}%)"
+            reach = f"{100 * share:.0f}%" if share <= 1 else f"above `{best_sym}`"
+            text += f" (ceiling {_pct(ceiling[key])}: {reach})"
         parts.append(text)
     out = "Gap between distillation and the gallery models themselves: " + "; ".join(parts) + "."
     if ceiling:
@@ -292,6 +293,10 @@ def _plot_against_n(report: dict, path: Path) -> Path:
             )
         sq = report["settings"]["sym:query"][key]
         ax.axhline(100 * sq, color="#8c8c8c", linestyle=":", label="sym:query")
+        if ceiling := report.get("gallery_ceiling"):
+            ax.axhline(
+                100 * ceiling[key], color="#2ca02c", linestyle="-.", label="ceiling (labels known)"
+            )
         ax.set_xlabel("gallery models N")
         ax.set_ylabel(f"{title} (%)")
         ax.grid(alpha=0.3)
