@@ -12,7 +12,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["search", "retrieval_metrics", "scored_metrics", "recall_at_1", "gallery_ceiling"]
+__all__ = [
+    "CEILING_PULLS",
+    "search",
+    "retrieval_metrics",
+    "scored_metrics",
+    "recall_at_1",
+    "gallery_ceiling",
+]
 
 #: How far the ceiling moves each gallery vector towards its class's mean (inf: onto it).
 CEILING_PULLS = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
@@ -102,8 +109,8 @@ def gallery_ceiling(
     ``pull`` in :data:`CEILING_PULLS`), the best Recall@1 and the best MAP@R over the pulls,
     each with its pull (``None``: the class mean itself).
 
-    A bound read off the labels, never a deployable setting: it tells how much any gallery
-    ensemble can add to a given query model.
+    Read off the labels, never a deployable setting: an estimate of how much a better gallery
+    side (a bigger ensemble, better heads) can add to a given query side.
     """
     gallery_labels = torch.as_tensor(gallery_labels)
     g = F.normalize(gallery.float(), dim=-1)
