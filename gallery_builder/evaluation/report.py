@@ -277,6 +277,8 @@ def _recommendation(report: dict) -> str:
 
 def _plot_against_n(report: dict, path: Path) -> Path:
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     curves = {f"{m} (line-up)": c for m, c in report.get("against_n", {}).items()}
     curves.update({a: c for a, c in report.get("diversity", {}).get("axes", {}).items()})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
@@ -298,6 +300,7 @@ def _plot_against_n(report: dict, path: Path) -> Path:
                 100 * ceiling[key], color="#2ca02c", linestyle="-.", label="ceiling (labels known)"
             )
         ax.set_xlabel("gallery models N")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{title} (%)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
