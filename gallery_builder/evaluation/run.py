@@ -244,7 +244,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
             diversity[axis] = {"models": names, **_against_n(axis_heads, axis_raw, score)}
     heads = first[default_mode]["heads"]
     qv = heads.encode_query(eq.query)
-    with torch.no_grad():  # the most any gallery side could add to this query side
+    with torch.no_grad():  # the ceiling: about the most a gallery side can add to this query side
         own = heads.transform_gallery(QUERY_MEMBER, eq.gallery.float())
     ceiling = gallery_ceiling(qv, score.labels["query"], own, score.labels["gallery"])
     with stage("rejection"):
