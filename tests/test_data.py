@@ -417,6 +417,18 @@ def test_load_source_folder(folder):
         load_source(str(folder))
 
 
+def test_load_source_builtin_name_beside_a_folder(folder, monkeypatch, caplog):
+    pytest.importorskip("sklearn")
+    folder.rename(folder.parent / "digits")
+    monkeypatch.chdir(folder.parent)
+    with caplog.at_level(logging.WARNING, logger="gallery_builder.data.datasets"):
+        assert len(load_source("digits")) == 1797  # the built-in wins, and says so
+    assert "write ./digits for the folder" in caplog.text
+    caplog.clear()
+    assert load_source("./digits", InputSpec(8, 8, 1)).classes == ["cat", "dog"]
+    assert "built-in" not in caplog.text
+
+
 @pytest.mark.parametrize("source", ["mnist", "fashion-mnist", "fashion-mnist:val", "/no/such/dir"])
 def test_load_source_unknown(source):
     with pytest.raises(DataError) as info:

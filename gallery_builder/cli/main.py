@@ -573,7 +573,7 @@ def train_gallery(arch, embedding_dim, kwargs, **opts) -> None:
 
 @train.command("query")
 @click.option("--arch", default="mobilenet", show_default=True)
-@click.option("--embedding-dim", default=64, show_default=True)
+@click.option("--embedding-dim", default=128, show_default=True)
 @click.option("--kwargs", default=None, help="Architecture options as JSON.")
 @_train_options
 @cli_errors

@@ -513,11 +513,14 @@ def load_source(source: str, spec: InputSpec | None = None) -> ImageSet:
     (``"glyphs"``, ``"han"``: the fetched root, 32x32 RGB unless ``spec`` says otherwise) or an
     image folder.
 
-    Built-in names win over a folder of the same name (write ``./digits`` for the folder). With
-    ``spec`` the built-ins are converted to its size and channels; a folder requires ``spec``.
+    Built-in names win over a folder of the same name, with a warning (write ``./digits`` for
+    the folder). With ``spec`` the built-ins are converted to its size and channels; a folder
+    requires ``spec``.
     """
     from gallery_builder.data.glyphs import glyphs_dir
 
+    if source in (*BUILTIN_SOURCES, *FONT_SETS) and Path(source).is_dir():
+        logger.warning("%s: the built-in data set; write ./%s for the folder here", source, source)
     if source in FONT_SETS:
         return load_image_folder(glyphs_dir(source), spec or FONT_SET_SPEC)
     if source.startswith("fashion-mnist:") and source in BUILTIN_SOURCES:
