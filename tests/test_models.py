@@ -442,6 +442,25 @@ def test_fit_steps_once_per_batch_and_skips_a_last_batch_of_one():
         assert (model(x)[:, 0] - y).pow(2).mean() < 0.01 * y.pow(2).mean()
 
 
+@pytest.mark.parametrize("settings", [TrainSettings, HeadSettings])
+@pytest.mark.parametrize("epochs", range(1, 7))
+def test_fit_trains_on_the_smallest_budgets(settings, epochs):
+    # one batch an epoch: 1 to 12 scheduler steps (heads: 10 once divided by zero in warm-up)
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    model = torch.nn.Linear(3, 1)
+    before = model.weight.detach().clone()
+    steps = []
+
+    def loss_fn(idx, _gen):
+        steps.append(len(idx))
+        return model(x[idx]).pow(2).mean()
+
+    s = settings(epochs=epochs, batch_size=16, weight_decay=0.0)
+    fit(model.parameters(), len(x), s, loss_fn, "tiny", [model])
+    assert steps == [16] * epochs
+    assert not torch.equal(model.weight, before)
+
+
 def test_fit_seed_repeats_a_training_run_exactly():
     """Dropout and mirroring draw random numbers: the seed governs them, whatever the global
     random state was before training."""

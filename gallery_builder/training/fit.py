@@ -188,11 +188,9 @@ def fit(
     gen = seed_everything(s.seed)
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     batches, epochs = math.ceil(n / s.batch_size), planned_epochs(s, n)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt,
-        max_lr=s.lr,
-        total_steps=epochs * (batches + s.spare_steps),
-        pct_start=s.warmup,
+    total = max(3, epochs * (batches + s.spare_steps))
+    sched = torch.optim.lr_scheduler.OneCycleLR(  # a warm-up under 1.5 steps divides by zero
+        opt, max_lr=s.lr, total_steps=total, pct_start=max(s.warmup, 1.5 / total)
     )
     modules = list(modules)
     for m in modules:
