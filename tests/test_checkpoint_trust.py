@@ -212,7 +212,8 @@ def test_trust_flag_end_to_end(tmp_path):
     r = invoke(cmce_cli, *heads, TRUST_FLAG, ENTRY_POINT)
     assert r.exit_code == 0, r.output
     build = [
-        "build", "--models", ext, "--heads", tmp_path / "heads", "--images", "digits",
+        "build", "--models", ext, "--models", tmp_path / "query", "--heads", tmp_path / "heads",
+        "--images", "digits",
         "--out", tmp_path / "gallery", "--shard-size", 1000,
     ]  # fmt: skip
     r = invoke(build_cli, *build)
@@ -413,12 +414,13 @@ def peak_mib_of_loading(kind: str, folder: Path) -> tuple[str, int]:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_sizes_in_a_forged_config_allocate_nothing_before_the_weights_check(heads_folder, tmp_path):
-    """A consistent forgery whose config asks for 8000-wide heads (256 MB of parameters) over
-    the small real weights: refused by shape, on the meta device, before any allocation."""
+    """A consistent forgery whose config asks for 8000-wide MLP heads (256 MB of parameters)
+    over the small real (linear) weights: refused by shape, on the meta device, before any
+    allocation."""
     heads = tmp_path / "heads"
     config = json.loads((heads_folder / "heads" / CONFIG_FILE).read_text())
     state = read_weights(heads_folder / "heads", config)
-    config["identity"]["hidden"] = 8000
+    config["identity"].update(hidden=8000, layers=2)
     del config["fingerprint"]
     save_checkpoint(heads, state, config)
     with pytest.raises(CheckpointError, match="shape mismatches"):

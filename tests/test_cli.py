@@ -66,8 +66,8 @@ def trained(tmp_path_factory):
         "digits",
         "--dim",
         16,
-        "--epochs",
-        3,
+        "--steps",
+        300,
         "--out",
         root / "heads",
     )
@@ -82,8 +82,33 @@ def test_train_writes_checkpoints(trained):
     assert len(config["fingerprint"]) == 16
     heads = json.loads((trained / "heads" / "config.json").read_text())
     assert heads["space_id"].startswith("unified-")
-    assert [g["name"] for g in heads["gallery_models"]] == ["resnet", "widecnn"]
+    # the experiment's open-set recipe: linear heads, the query model's own member fused too
+    assert [g["name"] for g in heads["gallery_models"]] == ["resnet", "widecnn", "query"]
+    assert heads["identity"]["identity"] and heads["identity"]["layers"] == 0
+    assert heads["settings"]["l2_weight"] == 0.1 and heads["settings"]["steps"] == 300
     assert (trained / "heads" / "train-embeddings.safetensors").is_file()
+
+
+def test_heads_without_the_identity_member_for_steps(trained, tmp_path):
+    r = invoke(
+        "train",
+        "heads",
+        "--query",
+        trained / "query",
+        "--gallery-model",
+        trained / "resnet",
+        "--data",
+        "digits",
+        "--no-identity",
+        "--steps",
+        7,
+        "--out",
+        tmp_path / "heads",
+    )
+    assert r.exit_code == 0, r.output
+    heads = json.loads((tmp_path / "heads" / "config.json").read_text())
+    assert [g["name"] for g in heads["gallery_models"]] == ["resnet"]
+    assert heads["settings"]["steps"] == 7 and heads["settings"]["epochs"] is None
 
 
 def test_update_keeps_the_space(trained):
@@ -107,6 +132,11 @@ def test_update_keeps_the_space(trained):
     assert new["space_id"] == old["space_id"]
     assert new["query_fingerprint"] != old["query_fingerprint"]
     assert "unchanged" in r.output
+    # the new query head is trained with the space's own recipe (a linear head, its l2 weight)
+    assert new["identity"]["layers"] == old["identity"]["layers"] == 0
+    assert {k: v for k, v in new["settings"].items() if k != "epochs"} == {
+        k: v for k, v in old["settings"].items() if k != "epochs"
+    }
 
 
 def test_update_refuses_heads_without_stored_embeddings(trained, tmp_path):
@@ -185,11 +215,37 @@ def test_eval_json(trained):
         "sym:query",
         "unified:resnet",
         "unified:widecnn",
+        "unified:query",  # the identity member alone: the query model through T_q on both sides
         "unified:ensemble",
     }
     # gallery == queries: each query finds itself (or an exact duplicate) first
     assert out["settings"]["sym:query"]["recall_at_1"] == pytest.approx(1.0)
-    assert 0.1 < out["settings"]["unified:ensemble"]["map_at_r"] <= 1.0
+    # models of two epochs: MAP@R well above chance (about 0.01 with ten classes), near the
+    # query model's own
+    ensemble = out["settings"]["unified:ensemble"]["map_at_r"]
+    assert 0.03 < ensemble <= 1.0
+    assert ensemble > 0.6 * out["settings"]["sym:query"]["map_at_r"]
+
+
+def test_eval_names_the_missing_member(trained):
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            "--query",
+            str(trained / "query"),
+            "--heads",
+            str(trained / "heads"),
+            "--gallery-model",
+            str(trained / "resnet"),
+            "--gallery-images",
+            "digits",
+            "--query-images",
+            "digits",
+        ],
+    )
+    assert r.exit_code == errors.CheckpointError.exit_code
+    assert "give --gallery-model for ['widecnn']" in r.output
 
 
 def test_eval_refuses_heads_of_another_query_model(trained):

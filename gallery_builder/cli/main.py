@@ -349,7 +349,8 @@ def eval_cmd(
     query_dir, heads_dir, gallery_dirs, gallery_images, query_images, as_json, trust
 ) -> None:
     """Recall@1, Recall@5 and MAP@R of your models on your images, by exact search:
-    the query model alone, each gallery model through its head, and the ensemble.
+    the query model alone, each member through its head (the query model's own member too,
+    when the heads fuse it), and the ensemble.
 
     \b
     Example:
@@ -360,7 +361,7 @@ def eval_cmd(
     from gallery_builder.evaluation.metrics import retrieval_metrics
     from gallery_builder.models import load_model
     from gallery_builder.training.fit import embed
-    from gallery_builder.training.heads import check_compatible, load_heads
+    from gallery_builder.training.heads import QUERY_MEMBER, check_compatible, load_heads
 
     query, qcfg = load_model(query_dir, trust)
     gallery = {Path(d).name: load_model(d, trust) for d in gallery_dirs}
@@ -379,10 +380,17 @@ def eval_cmd(
     }
     q_raw = embed(query, qset.images)
     qv = heads.encode_query(q_raw)
-    results = {
-        "sym:query": retrieval_metrics(q_raw, qset.labels, embed(query, gset.images), gset.labels)
-    }
-    for n in gallery:
+    own = embed(query, gset.images)
+    if heads.identity:
+        raw[QUERY_MEMBER] = own
+    missing = set(heads.fused) - set(raw)
+    if missing:
+        raise CheckpointError(
+            f"the heads in {heads_dir} fuse {sorted(heads.fused)}: give --gallery-model for "
+            f"{sorted(missing)}"
+        )
+    results = {"sym:query": retrieval_metrics(q_raw, qset.labels, own, gset.labels)}
+    for n in raw:
         results[f"{heads.mode}:{n}"] = retrieval_metrics(
             qv, qset.labels, heads.encode_gallery(raw, [n])[0], gset.labels
         )
@@ -617,12 +625,31 @@ def train_kd(teacher, arch, kwargs, trust, **opts) -> None:
 @click.option("--data", "source", default="fashion-mnist:train", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--dim", default=128, show_default=True, help="Shared space dim (unified).")
-@click.option("--epochs", default=10, show_default=True)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Optimiser steps when --epochs is not given (default: the experiment's budget; small "
+    "data get more passes).",
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=None, help="Passes over the data instead."
+)
+@click.option(
+    "--identity/--no-identity",
+    default=True,
+    show_default=True,
+    help="Fuse the query model's own embedding of each gallery image as one more member.",
+)
 @click.option("--seed", default=0, show_default=True)
 @trust_option
 @cli_errors
-def train_heads_cmd(mode, query_dir, gallery_dirs, source, out, dim, epochs, seed, trust) -> None:
-    """Train the transformation heads (gallery and query models frozen).
+def train_heads_cmd(
+    mode, query_dir, gallery_dirs, source, out, dim, steps, epochs, identity, seed, trust
+) -> None:
+    """Train the transformation heads (gallery and query models frozen), with the
+    experiment's recipe for data nobody has seen (linear heads, a step budget) and equal
+    fusion weights; `cmce experiment` also fits the weights on held-out classes.
 
     Also stores the gallery models' raw embeddings of the training images (fp16) in the
     heads folder, so `cmce train update` can fit a new query model without them.
@@ -637,7 +664,7 @@ def train_heads_cmd(mode, query_dir, gallery_dirs, source, out, dim, epochs, see
     from gallery_builder.data.datasets import load_source
     from gallery_builder.models import load_model
     from gallery_builder.training.fit import embed
-    from gallery_builder.training.heads import HeadSettings, save_heads, train_heads
+    from gallery_builder.training.heads import OPEN_SET_HEADS, save_heads, train_heads
 
     query, qcfg = load_model(query_dir, trust)
     gallery = {Path(d).name: load_model(d, trust) for d in gallery_dirs}
@@ -647,7 +674,9 @@ def train_heads_cmd(mode, query_dir, gallery_dirs, source, out, dim, epochs, see
         for n, (m, _) in gallery.items()
     }
     labels = torch.as_tensor(images.labels)
-    settings = HeadSettings(epochs=epochs, seed=seed)
+    settings = replace(
+        OPEN_SET_HEADS, steps=steps or OPEN_SET_HEADS.steps, epochs=epochs, seed=seed
+    )
     heads = train_heads(
         mode,
         raw,
@@ -655,6 +684,7 @@ def train_heads_cmd(mode, query_dir, gallery_dirs, source, out, dim, epochs, see
         labels,
         settings,
         dim=dim if mode == "unified" else None,
+        identity=identity,
     )
     config = save_heads(
         out,
@@ -691,11 +721,19 @@ def train_heads_cmd(mode, query_dir, gallery_dirs, source, out, dim, epochs, see
     help="The training images the heads were trained on.",
 )
 @click.option("--out", required=True, type=click.Path(path_type=Path))
-@click.option("--epochs", default=10, show_default=True)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Optimiser steps when --epochs is not given (default: the heads' own).",
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=None, help="Passes over the data instead."
+)
 @click.option("--seed", default=0, show_default=True)
 @trust_option
 @cli_errors
-def train_update(heads_dir, query_dir, source, out, epochs, seed, trust) -> None:
+def train_update(heads_dir, query_dir, source, out, steps, epochs, seed, trust) -> None:
     """Fit a new query model to an existing gallery without running any gallery model.
 
     unified: a new query head into the same space (space_id unchanged: the gallery stays).
@@ -709,7 +747,7 @@ def train_update(heads_dir, query_dir, source, out, epochs, seed, trust) -> None
     from gallery_builder.models import load_model
     from gallery_builder.training.fit import embed
     from gallery_builder.training.heads import (
-        HeadSettings,
+        head_settings,
         load_heads,
         save_heads,
         train_heads,
@@ -735,7 +773,9 @@ def train_update(heads_dir, query_dir, source, out, epochs, seed, trust) -> None
     labels = stored["labels"].long()
     if not torch.equal(labels, torch.as_tensor(images.labels)):
         raise DataError(f"{source} is not the data the heads in {heads_dir} were trained on")
-    settings = HeadSettings(epochs=epochs, seed=seed)
+    settings = replace(head_settings(hcfg, heads_dir), seed=seed)
+    if steps or epochs:
+        settings = replace(settings, steps=steps or settings.steps, epochs=epochs)
     q = embed(query, images.images)
     new = (
         train_query_head(heads, raw, q, labels, settings)

@@ -40,6 +40,8 @@ __all__ = [
     "Head",
     "HeadSet",
     "HeadSettings",
+    "OPEN_SET_HEADS",
+    "head_settings",
     "train_heads",
     "train_query_head",
     "save_heads",
@@ -394,6 +396,14 @@ def load_heads(path: Path) -> tuple[HeadSet, dict]:
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot build heads from its config: {e}") from e
     return heads.eval(), config
+
+
+def head_settings(config: dict, path: Path) -> HeadSettings:
+    """The settings a heads checkpoint (``config``, read from ``path``) was trained with."""
+    try:
+        return HeadSettings(**config["settings"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the heads' training settings: {e}") from e
 
 
 def check_compatible(
