@@ -299,3 +299,17 @@ def test_models_lists_the_families():
     for name in ("resnet", "widecnn", "vit", "mobilenet"):
         assert lines[name].endswith("at 28x28x1")
     assert lines["mobilenet_v3_small"].endswith("at 224x224x3")  # takes only RGB 224
+
+
+@pytest.mark.parametrize("given,expected", [(None, "1"), ("0", "0")])
+def test_the_clis_turn_on_huge_pages_for_torch_unless_told_not_to(given, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    code = "import os, gallery_builder.cli.main; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == expected, out.stderr
