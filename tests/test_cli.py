@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from gallery_builder.cli.main import main
 from gallery_builder.data import datasets as data_module
+from gallery_builder.training.heads import load_heads
 from query_sdk import errors
 
 SMALL = ["--data", "digits", "--epochs", "2", "--batch-size", "64"]
@@ -132,11 +133,43 @@ def test_update_keeps_the_space(trained):
     assert new["space_id"] == old["space_id"]
     assert new["query_fingerprint"] != old["query_fingerprint"]
     assert "unchanged" in r.output
-    # the new query head is trained with the space's own recipe (a linear head, its l2 weight)
-    assert new["identity"]["layers"] == old["identity"]["layers"] == 0
+    # the new query head has the space's own shape (linear) and recipe (its l2 weight, ...)
+    old_heads, new_heads = load_heads(trained / "heads")[0], load_heads(trained / "heads-new")[0]
+    shapes = [[p.shape for p in h.query.parameters()] for h in (old_heads, new_heads)]
+    assert shapes[0] == shapes[1] == [(16, 16), (16,)]
     assert {k: v for k, v in new["settings"].items() if k != "epochs"} == {
         k: v for k, v in old["settings"].items() if k != "epochs"
     }
+    assert new["settings"]["epochs"] == 3 and new["identity"]["weights"] == old_heads.weights
+
+
+def test_update_refuses_to_query_heads_with_the_identity_member(trained, tmp_path):
+    common = ["--data", "digits", "--steps", 20]
+    r = invoke(
+        "train", "heads", "--mode", "to-query", "--query", trained / "query",
+        "--gallery-model", trained / "resnet", "--out", tmp_path / "heads", *common,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(
+        main,
+        [
+            str(a)
+            for a in (
+                "train",
+                "update",
+                "--heads",
+                tmp_path / "heads",
+                "--query",
+                trained / "query-new",
+                "--out",
+                tmp_path / "new",
+                *common,
+            )
+        ],  # fmt: skip
+    )
+    assert r.exit_code == errors.CheckpointError.exit_code
+    assert "update unified heads (the gallery stays)" in r.output
+    assert not (tmp_path / "new").exists()
 
 
 def test_update_refuses_heads_without_stored_embeddings(trained, tmp_path):

@@ -367,6 +367,12 @@ def eval_cmd(
     gallery = {Path(d).name: load_model(d, trust) for d in gallery_dirs}
     heads, hcfg = load_heads(heads_dir)
     check_compatible(hcfg, qcfg, {n: c for n, (_, c) in gallery.items()})
+    missing = set(heads.fused) - set(gallery) - ({QUERY_MEMBER} if heads.identity else set())
+    if missing:
+        raise CheckpointError(
+            f"the heads in {heads_dir} fuse {sorted(heads.fused)}: give --gallery-model for "
+            f"{sorted(missing)}"
+        )
     spec = query.input_spec
     gset, qset = load_source(gallery_images, spec), load_source(query_images, spec)
     raw = {
@@ -383,12 +389,6 @@ def eval_cmd(
     own = embed(query, gset.images)
     if heads.identity:
         raw[QUERY_MEMBER] = own
-    missing = set(heads.fused) - set(raw)
-    if missing:
-        raise CheckpointError(
-            f"the heads in {heads_dir} fuse {sorted(heads.fused)}: give --gallery-model for "
-            f"{sorted(missing)}"
-        )
     results = {"sym:query": retrieval_metrics(q_raw, qset.labels, own, gset.labels)}
     for n in raw:
         results[f"{heads.mode}:{n}"] = retrieval_metrics(
@@ -755,6 +755,13 @@ def train_update(heads_dir, query_dir, source, out, steps, epochs, seed, trust) 
     )
 
     heads, hcfg = load_heads(heads_dir)
+    if heads.mode == "to-query" and heads.identity:
+        raise CheckpointError(
+            f"{heads_dir}: to-query heads that fuse the query model's own member cannot follow "
+            "a new query model (the gallery holds the old query model's embeddings, and no head "
+            "maps them into the new one's space); update unified heads (the gallery stays) or "
+            "train the to-query heads with --no-identity"
+        )
     query, qcfg = load_model(query_dir, trust)
     stored_path = Path(heads_dir) / EMBEDDINGS_FILE
     if not stored_path.is_file():
@@ -777,11 +784,11 @@ def train_update(heads_dir, query_dir, source, out, steps, epochs, seed, trust) 
     if steps or epochs:
         settings = replace(settings, steps=steps or settings.steps, epochs=epochs)
     q = embed(query, images.images)
-    new = (
-        train_query_head(heads, raw, q, labels, settings)
-        if heads.mode == "unified"
-        else train_heads("to-query", raw, q, labels, settings)
-    )
+    if heads.mode == "unified":
+        new = train_query_head(heads, raw, q, labels, settings)
+    else:
+        new = train_heads("to-query", raw, q, labels, settings)
+        new.set_weights(heads.weights)
     gallery_fps = {g["name"]: g["fingerprint"] for g in hcfg["gallery_models"]}
     config = save_heads(
         out,

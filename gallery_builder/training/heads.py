@@ -328,7 +328,7 @@ def train_query_head(
     new = copy.deepcopy(heads).eval()
     for p in new.parameters():
         p.requires_grad_(False)
-    new.query = Head(new_query_embedding.shape[1], heads.dim, s.hidden, s.layers)
+    new.query = Head(new_query_embedding.shape[1], heads.dim, heads.hidden, heads.layers)
     new.query_dim = new_query_embedding.shape[1]
     q = F.normalize(new_query_embedding.float(), dim=-1)
     labels = torch.as_tensor(labels, dtype=torch.long)
