@@ -222,6 +222,20 @@ def test_tiny_open_set_run(glyph_root, tmp_path, monkeypatch):
             assert 0 <= metrics[key] <= 1, (name, key)
     assert "| setting | Recall@1 (%)" in result.output and "Protocol: open set" in result.output
     assert (out / "report.md").read_text().count(protocol) == 1
+    # `cmce eval` reads the run's heads, which fuse the query model's own member too
+    models, mode = out / "models", report["default_mode"]
+    args = ["eval", "--query", models / "query", "--heads", out / "heads" / mode, "--json"]
+    for g in ("resnet", "widecnn"):
+        args += ["--gallery-model", models / g]
+    args += ["--gallery-images", glyph_root, "--query-images", glyph_root]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["settings"]
+    assert set(rows) == {"sym:query", *(f"{mode}:{m}" for m in ("resnet", "widecnn", "query"))} | {
+        f"{mode}:ensemble"
+    }
+    assert rows["sym:query"]["recall_at_1"] > 0.9  # every query is in the gallery (8-d ties)
+    assert all(0 < m["map_at_r"] <= 1 for m in rows.values())
 
 
 def test_explicit_folders_that_leak_are_refused(glyph_root, tmp_path):
