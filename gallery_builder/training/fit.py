@@ -189,7 +189,7 @@ def fit(
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     batches, epochs = math.ceil(n / s.batch_size), planned_epochs(s, n)
     total = max(3, epochs * (batches + s.spare_steps))
-    sched = torch.optim.lr_scheduler.OneCycleLR(  # a warm-up under 1.5 steps divides by zero
+    sched = torch.optim.lr_scheduler.OneCycleLR(  # a warm-up of one step divided by zero
         opt, max_lr=s.lr, total_steps=total, pct_start=max(s.warmup, 1.5 / total)
     )
     modules = list(modules)
