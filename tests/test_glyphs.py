@@ -223,6 +223,9 @@ def test_glyphs_dir_explains_how_to_fetch(isolated, rendered, monkeypatch):
     data = isolated / "data"
     shutil.copytree(rendered[0], data / "glyphs")
     monkeypatch.setenv("CMCE_DATA", str(data))
+    with pytest.raises(DatasetMissing):  # a rendering of other characters is not the set
+        glyphs_dir()
+    monkeypatch.setitem(FONT_SETS, "glyphs", replace(GLYPHS, chars=CHARS))
     assert glyphs_dir() == data / "glyphs"
     assert CliRunner().invoke(cli, ["data", "where", "glyphs"]).output.strip() == str(
         data / "glyphs"

@@ -677,14 +677,14 @@ def _missing_message(font_set: FontSet) -> str:
 def glyphs_dir(name: str = "glyphs") -> Path:
     """The root of the built-in font set ``name`` (:data:`FONT_SETS`): ``$CMCE_DATA/<name>``,
     then ``${XDG_CACHE_HOME:-~/.cache}/cmce/<name>``, whichever holds a ``glyphs.json`` of this
-    code's versions; DatasetMissing if none."""
-    if (found := _found(name)) is None:
+    code's versions and the set's characters; DatasetMissing if none."""
+    if (found := _found(name, FONT_SETS[name].chars)) is None:
         raise DatasetMissing(_missing_message(FONT_SETS[name]))
     return found
 
 
-def _found(name: str) -> Path | None:
-    return next((d for d in _search_dirs(name) if _is_current(d)), None)
+def _found(name: str, chars: str) -> Path | None:
+    return next((d for d in _search_dirs(name) if _is_current(d, chars)), None)
 
 
 def _deb_version(deb: Path) -> str:
@@ -715,13 +715,13 @@ def fetch_glyphs(dest: Path | None = None, font_set: FontSet = GLYPHS) -> Path:
 
     Nothing happens when ``dest`` (default: the first of :func:`glyphs_dir`'s folders that has
     it, else ``${XDG_CACHE_HOME:-~/.cache}/cmce/<name>``) already holds a rendering of this
-    code's versions (:data:`RENDER_VERSION`, :data:`SELECTION_VERSION`; of these characters,
-    when ``dest`` is given). Otherwise the packages are fetched with ``apt-get download`` +
-    ``dpkg -x`` into a temporary folder and rendered into the root all-or-nothing.
+    code's versions (:data:`RENDER_VERSION`, :data:`SELECTION_VERSION`) of these characters.
+    Otherwise the packages are fetched with ``apt-get download`` + ``dpkg -x`` into a temporary
+    folder and rendered into the root all-or-nothing.
     """
     packages, chars = font_set.packages, font_set.chars
     if dest is None:
-        if (found := _found(font_set.name)) is not None:
+        if (found := _found(font_set.name, chars)) is not None:
             return found
         target = cache_dir(font_set.name)
     else:
