@@ -260,44 +260,36 @@ def test_eval_json(trained):
     assert ensemble > 0.6 * out["settings"]["sym:query"]["map_at_r"]
 
 
-def test_eval_names_the_missing_member(trained):
-    r = CliRunner().invoke(
+def eval_with_resnet_only(trained, query: str):
+    return CliRunner().invoke(
         main,
         [
-            "eval",
-            "--query",
-            str(trained / "query"),
-            "--heads",
-            str(trained / "heads"),
-            "--gallery-model",
-            str(trained / "resnet"),
-            "--gallery-images",
-            "digits",
-            "--query-images",
-            "digits",
-        ],
+            str(a)
+            for a in (
+                "eval",
+                "--query",
+                trained / query,
+                "--heads",
+                trained / "heads",
+                "--gallery-model",
+                trained / "resnet",
+                "--gallery-images",
+                "digits",
+                "--query-images",
+                "digits",
+            )
+        ],  # fmt: skip
     )
+
+
+def test_eval_names_the_missing_member(trained):
+    r = eval_with_resnet_only(trained, "query")
     assert r.exit_code == errors.CheckpointError.exit_code
     assert "give --gallery-model for ['widecnn']" in r.output
 
 
 def test_eval_refuses_heads_of_another_query_model(trained):
-    r = CliRunner().invoke(
-        main,
-        [
-            "eval",
-            "--query",
-            str(trained / "query-new"),
-            "--heads",
-            str(trained / "heads"),
-            "--gallery-model",
-            str(trained / "resnet"),
-            "--gallery-images",
-            "digits",
-            "--query-images",
-            "digits",
-        ],
-    )
+    r = eval_with_resnet_only(trained, "query-new")
     assert r.exit_code == errors.CheckpointError.exit_code
     assert "error: heads belong to query model" in r.output
     new_fp = json.loads((trained / "query-new" / "config.json").read_text())["fingerprint"]
