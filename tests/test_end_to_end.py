@@ -28,6 +28,7 @@ def test_report_follows_the_contract(run):
     expected = {"sym:query", *(f"sym:{g}" for g in names), *(f"kd:{g}" for g in names)}
     for mode in ("unified", "to-query"):
         expected |= {f"{mode}:{g}" for g in names} | {f"{mode}:mean", f"{mode}:ensemble"}
+    expected.add("unified:query")  # the identity member alone (to-query's is sym:query)
     assert set(on_disk["settings"]) == expected
     for values in on_disk["settings"].values():
         assert SETTING_KEYS <= set(values)
@@ -101,6 +102,11 @@ def test_artifacts_are_written(run):
     md = (out / "report.md").read_text()
     assert f"**{report['default_mode']}:ensemble**" in md
     assert f"(ceiling {100 * report['gallery_ceiling']['recall_at_1']:.2f}: " in md
+    mode, s = report["default_mode"], report["settings"]
+    own = "unified:query" if mode == "unified" else "sym:query"  # to-query's own is sym:query
+    added = 100 * (s[f"{mode}:ensemble"]["map_at_r"] - s[own]["map_at_r"])
+    assert f"(`{own}` → `{mode}:ensemble`): Recall@1 " in md
+    assert f"MAP@R {added:+.2f} points" in md
     stages = report["stage_seconds"]  # trained from scratch here, so each stage took time
     assert {"gallery models", "embeddings", "distilled models", "update study"} <= set(stages)
     assert stages["gallery models"] > 0 and stages["distilled models"] > 0

@@ -98,9 +98,10 @@ Default mode (the better ensemble): **{report["default_mode"]}**.
 
 `sym:X`: model X on both sides. `kd:G`: a query model distilled from G (the query model's
 architecture, training budget and augmentation), searched against G's index. `MODE:G`: gallery
-model G through its head. `MODE:mean`: the plain mean of the N heads (the paper's fusion).
-`MODE:ensemble`: the N heads and the query model's own embedding of the gallery image, fused
-with weights fitted on the validation split.
+model G through its head. `unified:query`: the query model on both sides through the query
+head (the ensemble's identity member alone). `MODE:mean`: the plain mean of the N heads (the
+paper's fusion). `MODE:ensemble`: the N heads and the query model's own embedding of the
+gallery image, fused with weights fitted on the validation split.
 
 {_gap_sentence(report)}
 
@@ -190,6 +191,17 @@ def _gap_sentence(report: dict) -> str:
             text += f" (ceiling {_pct(ceiling[key])}: {reach})"
         parts.append(text)
     out = "Gap between distillation and the gallery models themselves: " + "; ".join(parts) + "."
+    # the identity member alone: through the query head, or as it is in to-query mode
+    own = "unified:query" if report["default_mode"] == "unified" else "sym:query"
+    if own in s:
+        added = ", ".join(
+            f"{label} {100 * (s[ens][k] - s[own][k]):+.2f}"
+            for k, label in (("recall_at_1", "Recall@1"), ("map_at_r", "MAP@R"))
+        )
+        out += (
+            f"\n\nWhat the gallery models add to the query model's own member (`{own}` → "
+            f"`{ens}`): {added} points."
+        )
     if ceiling:
         out += (
             "\n\nCeiling: what a gallery side that knew every gallery image's class would reach "

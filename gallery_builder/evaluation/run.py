@@ -4,7 +4,8 @@ the update study and the recommendation.
 Settings (exact search, mean +- std over head-training seeds where heads are involved):
 ``sym:query`` query model on both sides; ``sym:G`` gallery model G on both sides (reference);
 ``kd:G`` a distilled query model searched against G's own index; ``MODE:G`` one gallery model
-through its head (N = 1); ``MODE:mean`` the paper's plain mean of the N heads;
+through its head (N = 1); ``unified:query`` the identity member alone (the query model on
+both sides, through the query head); ``MODE:mean`` the paper's plain mean of the N heads;
 ``MODE:ensemble`` the N heads and the query model's own embedding of the gallery image (the
 identity member), fused with weights fitted on the validation classes. MODE is ``unified`` or
 ``to-query``. Everything that is chosen (weights, the recommended setting) is chosen on the
@@ -296,8 +297,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
 
 
 def _evaluate_heads(heads: HeadSet, raw: dict, score: _Scorer) -> dict:
-    """One head set's settings on search and validation: each gallery model alone, the plain
-    mean, and the ensemble with the identity member fused by weights fitted on validation."""
+    """One head set's settings on search and validation: each member alone, the plain mean of
+    the gallery models' heads, and the ensemble fused by weights fitted on validation."""
     q = {v: heads.encode_query(raw["val_query" if v else "query"][QUERY_MEMBER]) for v in (0, 1)}
     member = {
         v: {
@@ -320,7 +321,8 @@ def _evaluate_heads(heads: HeadSet, raw: dict, score: _Scorer) -> dict:
             for v in (0, 1)
         )
 
-    for g in heads.names:
+    # the identity member alone through the query head (to-query has none: that is sym:query)
+    for g in heads.members if heads.query is not None else heads.names:
         add(g, [g], None)
     add("mean", heads.names, dict.fromkeys(heads.names, 1.0))
     add("ensemble", heads.members, weights)
