@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 from PIL import Image
 
 from gallery_builder.evaluation.metrics import CEILING_PULLS
+from gallery_builder.evaluation.report import markdown
 from gallery_builder.training.heads import load_heads
 
 SETTING_KEYS = {"recall_at_1", "recall_at_1_std", "recall_at_5", "map_at_r"}
@@ -125,3 +127,15 @@ def test_cached_models_are_reused(run, caplog):
         _, config = get_model(cfg.query_model, cfg, splits.train, out / "models", "query")
     assert "reusing" in caplog.text
     assert config["params"] == report["models"]["query"]["params"]
+
+
+def test_gap_sentence_when_the_ensemble_passes_the_gallery_models(run):
+    _, report, _ = run
+    report = copy.deepcopy(report)
+    s, ens = report["settings"], f"{report['default_mode']}:ensemble"
+    best_sym = max(
+        (n for n in s if n.startswith("sym:") and n != "sym:query"), key=lambda n: s[n]["map_at_r"]
+    )
+    s[ens]["map_at_r"] = s[best_sym]["map_at_r"] + 0.0123
+    md = markdown(report)
+    assert f"`{ens}` {100 * s[ens]['map_at_r']:.2f} — above `{best_sym}` itself (+1.23)" in md
