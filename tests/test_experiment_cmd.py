@@ -163,6 +163,24 @@ def test_optional_unset_and_list_elements_start_from_the_base_by_name(tmp_path):
     assert cfg.spec.shape == (8, 8, 1) and cfg.dataset == "digits"
 
 
+def test_learning_rates_follow_the_architecture_unless_a_file_sets_them(tmp_path):
+    """Open-set defaults: CNNs at 1e-2, the ViT at 3e-3, a new entry too; Fashion-MNIST keeps
+    the 3e-3 of its published figures."""
+    cfg = load_config("glyphs")
+    lrs = {m.name: m.train.lr for m in (*cfg.gallery_models, cfg.query_model)}
+    assert lrs == {"resnet": 1e-2, "widecnn": 1e-2, "vit": 3e-3, "query": 1e-2}
+    assert {m.train.lr for m in (*cfg.diversity_models, cfg.old_query_model)} == {1e-2}
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'diversity = {}\n[[gallery_models]]\nname = "big"\narchitecture = "vit"\n'
+        '[[gallery_models]]\nname = "resnet"\ntrain = { lr = 0.05 }\n'
+    )
+    big, resnet = load_config(config=path).gallery_models
+    assert big.train.lr == 3e-3 and resnet.train.lr == 0.05
+    fashion = load_config("default")
+    assert {m.train.lr for m in (*fashion.gallery_models, fashion.query_model)} == {3e-3}
+
+
 def test_presets_are_config_files():
     assert {"default", "quick", "digits", "glyphs", "han"} <= set(preset_names())
     fashion, quick = load_config("default"), load_config("quick")

@@ -23,6 +23,7 @@ from gallery_builder.models import (
     load_model,
     mflops,
     model_role,
+    recommended_lr,
     register_model,
     registered_identity,
     save_model,
@@ -467,7 +468,7 @@ def test_fit_seed_repeats_a_training_run_exactly():
     images = uint8_images(48, SMALL_SPEC, seed=3)
     torch.manual_seed(4)
     teacher = create_model("mobilenet", SMALL_SPEC, 8, width=4).eval()
-    s = TrainSettings(epochs=2, batch_size=16)
+    s = TrainSettings(epochs=2, batch_size=16, lr=3e-3)
 
     def trained(seed: int, disturb: int = 0) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)  # the same initial weights every time
@@ -487,7 +488,7 @@ def test_metric_training_takes_at_least_steps_per_class_steps_per_class():
     images = uint8_images(64, SMALL_SPEC, seed=5)
     labels = torch.arange(64) % 8
     model = create_model("widecnn", SMALL_SPEC, 8, width=4)
-    s = TrainSettings(steps=4, steps_per_class=3, batch_size=16)
+    s = TrainSettings(steps=4, steps_per_class=3, batch_size=16).for_architecture("widecnn")
     train_metric(model, images, labels, s, progress=False)
     counts = {int(v) for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
     assert counts == {24}
@@ -507,3 +508,15 @@ def test_settings_and_data_the_fit_loop_cannot_train_with_are_refused():
     model = create_model("widecnn", SMALL_SPEC, 8, width=4)
     with pytest.raises(DataError, match="train: 1 training samples; training needs at least 2"):
         train_metric(model, uint8_images(1, SMALL_SPEC), torch.zeros(1), TrainSettings())
+    with pytest.raises(ValueError, match="train: learning rate unset .*for_architecture"):
+        train_metric(model, uint8_images(4, SMALL_SPEC), torch.zeros(4), TrainSettings())
+
+
+def test_an_unset_learning_rate_is_the_architectures():
+    """The CNNs train at 1e-2, the ViT at 3e-3 (it collapsed at 1e-2); a given rate stays."""
+    assert recommended_lr("resnet") == recommended_lr("mobilenet") == 1e-2
+    assert recommended_lr("vit") == 3e-3
+    assert TrainSettings().for_architecture("vit").lr == 3e-3
+    assert TrainSettings(lr=0.5).for_architecture("vit").lr == 0.5
+    with pytest.raises(ValueError, match="unknown architecture 'nope'"):
+        recommended_lr("nope")

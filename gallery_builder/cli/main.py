@@ -453,7 +453,10 @@ def _train_options(fn):
                 "--batch-size", type=click.IntRange(min=2), default=256, show_default=True
             ),
             click.option(
-                "--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True
+                "--lr",
+                type=click.FloatRange(min=0, min_open=True),
+                default=None,
+                help="Peak learning rate [default: the architecture's: 1e-2, the ViT 3e-3].",
             ),
             click.option(
                 "--flip/--no-flip",
@@ -529,7 +532,7 @@ def _fit(
         lr=lr,
         augment=Augment(flip=flip) if jitter else Augment(flip, 0, 0, 0, 0),
         seed=seed,
-    )
+    ).for_architecture(arch)
     torch.manual_seed(seed)
     training = {
         "data": images.name,

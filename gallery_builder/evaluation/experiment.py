@@ -111,6 +111,7 @@ class ModelSpec:
                 model_role(self.architecture)
             except ValueError as e:  # it lists the registered architectures
                 raise ValueError(f"architecture: {e}") from None
+            self.train = self.train.for_architecture(self.architecture)
         self.name = self.name or (
             Path(self.checkpoint).name if self.checkpoint else self.architecture
         )

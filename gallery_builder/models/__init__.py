@@ -10,6 +10,7 @@ from ._registry import (
     list_models,
     model_role,
     native_input_spec,
+    recommended_lr,
     register_model,
 )
 from .complexity import count_params, mflops
@@ -27,6 +28,7 @@ __all__ = [
     "list_models",
     "model_role",
     "native_input_spec",
+    "recommended_lr",
     "register_model",
     "count_params",
     "mflops",

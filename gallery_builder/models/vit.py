@@ -81,7 +81,8 @@ def auto_patch(spec: InputSpec, max_tokens: int = 16) -> int:
     return math.gcd(spec.height, spec.width)
 
 
-@register_model("vit", role="gallery")
+# at the CNNs' 1e-2 it collapsed on the glyphs (Recall@1 21.9 on unseen classes, 86.8 at 3e-3)
+@register_model("vit", role="gallery", lr=3e-3)
 def vit(
     input_spec: InputSpec,
     embedding_dim: int = 128,

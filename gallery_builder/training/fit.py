@@ -15,7 +15,7 @@ import torch
 from pytorch_metric_learning.losses import NormalizedSoftmaxLoss
 from tqdm.auto import tqdm
 
-from gallery_builder.models import EmbeddingNet
+from gallery_builder.models import EmbeddingNet, recommended_lr
 from gallery_builder.training.augment import Augment
 from query_sdk.errors import DataError
 
@@ -46,7 +46,7 @@ class FitSettings(Protocol):
     epochs: int | None
     steps: int
     batch_size: int
-    lr: float
+    lr: float | None  # must be set by the time it fits
     weight_decay: float
     seed: int
     warmup: ClassVar[float]
@@ -63,7 +63,7 @@ def check_settings(s: FitSettings) -> None:
         raise ValueError(
             f"batch size must be at least 2 (a batch of one sample is skipped), got {s.batch_size}"
         )
-    if not s.lr > 0:
+    if s.lr is not None and not s.lr > 0:
         raise ValueError(f"learning rate must be positive, got {s.lr}")
 
 
@@ -88,7 +88,7 @@ class TrainSettings:
     steps: int = 1000
     steps_per_class: float = 5.0
     batch_size: int = 256
-    lr: float = 3e-3
+    lr: float | None = None  # None: the architecture's (for_architecture)
     weight_decay: float = 5e-4
     temperature: float = 0.05
     augment: Augment = field(default_factory=Augment)
@@ -100,6 +100,11 @@ class TrainSettings:
         check_settings(self)
         if not self.steps_per_class >= 0:
             raise ValueError(f"steps_per_class must be at least 0, got {self.steps_per_class}")
+
+    def for_architecture(self, architecture: str) -> TrainSettings:
+        """These settings with an unset learning rate set to the one ``architecture`` was
+        registered with (:func:`gallery_builder.models.recommended_lr`)."""
+        return self if self.lr is not None else replace(self, lr=recommended_lr(architecture))
 
     def for_classes(self, classes: int) -> TrainSettings:
         """These settings with the step budget raised to ``steps_per_class`` steps per class.
@@ -185,6 +190,8 @@ def fit(
     """
     if n < 2:
         raise DataError(f"{desc}: {n} training samples; training needs at least 2")
+    if s.lr is None:
+        raise ValueError(f"{desc}: learning rate unset (TrainSettings.for_architecture sets it)")
     gen = seed_everything(s.seed)
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     batches, epochs = math.ceil(n / s.batch_size), planned_epochs(s, n)
