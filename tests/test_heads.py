@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from gallery_builder.models.checkpoint import CONFIG_FILE, CheckpointError
 from gallery_builder.training.heads import (
+    QUERY_MEMBER,
     Head,
     HeadSet,
     HeadSettings,
@@ -128,6 +129,18 @@ def test_head_outputs_are_unit_vectors():
     out = head(torch.randn(4, 7))
     assert out.shape == (4, 5)
     torch.testing.assert_close(out.norm(dim=1), torch.ones(4))
+
+
+def test_a_linear_query_head_as_wide_as_the_space_starts_as_the_query_model():
+    """Its identity member then starts as the query model alone; other query heads (hidden
+    layers, another width) and the gallery heads start at random."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 16)
+    linear = HeadSet("unified", 16, DIMS, 16, 4, layers=0, identity=True).eval()
+    torch.testing.assert_close(linear.transform_query(x), F.normalize(x, dim=-1))
+    torch.testing.assert_close(linear.transform_gallery(QUERY_MEMBER, x), F.normalize(x, dim=-1))
+    mlp = HeadSet("unified", 16, DIMS, 16, 4, layers=1).eval()
+    assert not torch.allclose(mlp.transform_query(x), F.normalize(x, dim=-1), atol=0.1)
 
 
 def test_headset_argument_errors():

@@ -137,6 +137,8 @@ class HeadSet(nn.Module):
             {_key(n): Head(d, dim, hidden, layers) for n, d in gallery_dims.items()}
         )
         self.query = Head(query_dim, dim, hidden, layers) if mode == "unified" else None
+        if self.query is not None and layers == 0 and dim == query_dim:
+            _start_as_identity(self.query)
         self.classifier = (
             nn.Parameter(torch.randn(num_classes, dim) * 0.01) if mode == "unified" else None
         )
@@ -232,6 +234,16 @@ class HeadSet(nn.Module):
 #: 79.75 at 1,620, 98.00 / 80.41 at 3,240, 98.08 / 80.60 at 4,860); glyphs (20k images) had
 #: 1,550 and gained a little more (92.59 / 61.83, 92.71 / 62.15 at 3,100).
 OPEN_SET_HEADS = HeadSettings(epochs=None, steps=3000, layers=0, l2_weight=0.1)
+
+
+def _start_as_identity(head: Head) -> None:
+    """A linear query head as wide as the space starts as the identity: the identity member
+    then starts as the query model alone, and training moves it only where the classifier and
+    the gallery heads pull (glyphs, seed 0: unified:query Recall@1 / MAP@R 93.81 / 62.50 from
+    a random start, 94.11 / 62.71 from the identity; the query model alone 94.02 / 62.42)."""
+    (linear,) = head.net
+    nn.init.eye_(linear.weight)
+    nn.init.zeros_(linear.bias)
 
 
 def _key(name: str) -> str:
