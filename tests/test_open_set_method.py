@@ -131,6 +131,30 @@ def test_fitted_weights_drop_a_member_that_is_noise():
     assert best >= score(fuse(torch.stack([gallery, noise]))[0])
 
 
+def test_fitted_weights_keep_the_query_members_recall_at_1():
+    """A class-level member lifts MAP@R and blurs near duplicates: the query model's own
+    member keeps its Recall@1 as a floor; the same member under another name has none."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(8, 16, generator=g)
+    labels = torch.arange(8).repeat_interleave(12)
+    look = centres[labels] + 1.2 * torch.randn(len(labels), 16, generator=g)  # each image's own
+    own = look + 0.3 * torch.randn(len(labels), 16, generator=g)
+    query = F.normalize(look + torch.randn(len(labels), 16, generator=g), dim=-1)
+    blur = centres[labels] + torch.randn(len(labels), 16, generator=g)
+
+    def fitted(name: str) -> dict[str, float]:
+        members = {name: own, "blur": blur}
+        weights, _ = fit_weights(members, query, labels, labels)
+        vectors = torch.stack([F.normalize(members[n], dim=-1) for n in members])
+        fused, _ = fuse(vectors, torch.tensor([weights[n] for n in members]))
+        return retrieval_metrics(query, labels, fused, labels)
+
+    alone = retrieval_metrics(query, labels, F.normalize(own, dim=-1), labels)
+    kept, free = fitted(QUERY_MEMBER), fitted("own")
+    assert kept["recall_at_1"] >= alone["recall_at_1"] > free["recall_at_1"]
+    assert free["map_at_r"] > kept["map_at_r"] > alone["map_at_r"]
+
+
 def test_the_query_member_is_the_query_embedding_in_to_query_mode(tmp_path):
     raw = {"g": torch.randn(64, 12)}
     q = torch.randn(64, 8)
