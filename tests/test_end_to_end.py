@@ -129,7 +129,7 @@ def test_cached_models_are_reused(run, caplog):
     assert config["params"] == report["models"]["query"]["params"]
 
 
-def test_gap_sentence_when_the_ensemble_passes_the_gallery_models(run):
+def test_gap_sentence_when_the_ensemble_passes_the_gallery_models_or_trails_distillation(run):
     _, report, _ = run
     report = copy.deepcopy(report)
     s, ens = report["settings"], f"{report['default_mode']}:ensemble"
@@ -139,3 +139,7 @@ def test_gap_sentence_when_the_ensemble_passes_the_gallery_models(run):
     s[ens]["map_at_r"] = s[best_sym]["map_at_r"] + 0.0123
     md = markdown(report)
     assert f"`{ens}` {100 * s[ens]['map_at_r']:.2f} — above `{best_sym}` itself (+1.23)" in md
+    best_kd = max((n for n in s if n.startswith("kd:")), key=lambda n: s[n]["map_at_r"])
+    s[ens]["map_at_r"] = s[best_kd]["map_at_r"] - 0.0456  # below distillation: no share
+    md = markdown(report)
+    assert f"`{ens}` {100 * s[ens]['map_at_r']:.2f} — below `{best_kd}` (-4.56)" in md

@@ -185,11 +185,12 @@ def _gap_sentence(report: dict) -> str:
             parts.append(text + "no gap to close")
             continue
         closed = (s[ens][key] - s[best_kd][key]) / gap
-        text += (
-            f"it closes {100 * closed:.0f}% of the gap"
-            if closed <= 1
-            else f"above `{best_sym}` itself (+{100 * (s[ens][key] - s[best_sym][key]):.2f})"
-        )
+        if closed < 0:
+            text += f"below `{best_kd}` ({100 * (s[ens][key] - s[best_kd][key]):+.2f})"
+        elif closed <= 1:
+            text += f"it closes {100 * closed:.0f}% of the gap"
+        else:
+            text += f"above `{best_sym}` itself (+{100 * (s[ens][key] - s[best_sym][key]):.2f})"
         if ceiling:
             share = (ceiling[key] - s[best_kd][key]) / gap
             reach = f"{100 * share:.0f}%" if share <= 1 else f"above `{best_sym}`"
