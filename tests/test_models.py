@@ -456,7 +456,7 @@ def test_fit_trains_on_the_smallest_budgets(settings, epochs):
         steps.append(len(idx))
         return model(x[idx]).pow(2).mean()
 
-    s = settings(epochs=epochs, batch_size=16, weight_decay=0.0)
+    s = settings(epochs=epochs, batch_size=16, lr=3e-3, weight_decay=0.0)
     fit(model.parameters(), len(x), s, loss_fn, "tiny", [model])
     assert steps == [16] * epochs
     assert not torch.equal(model.weight, before)
