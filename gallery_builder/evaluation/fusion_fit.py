@@ -93,9 +93,7 @@ def fit_weights(
     starts = [(1.0,) * len(names), max(singles.values(), key=value)]
     if QUERY_MEMBER in singles:
         starts.append(singles[QUERY_MEMBER])
-    w, v = functools.reduce(
-        lambda a, b: b if better(b[1], a[1]) else a, (ascend(start) for start in starts)
-    )
+    w, v = max((ascend(start) for start in starts), key=lambda r: r[1])
     return dict(zip(names, w, strict=True)), v[1]
 
 
