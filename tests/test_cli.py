@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 
-from gallery_builder.cli.main import main
+from gallery_builder.cli.main import EMBEDDINGS_FILE, main
 from gallery_builder.data import datasets as data_module
-from gallery_builder.training.heads import load_heads
+from gallery_builder.training.heads import QUERY_MEMBER, load_heads
 from query_sdk import errors
 
 SMALL = ["--data", "digits", "--epochs", "2", "--batch-size", "64"]
@@ -141,6 +143,11 @@ def test_update_keeps_the_space(trained):
         k: v for k, v in old["settings"].items() if k != "epochs"
     }
     assert new["settings"]["epochs"] == 3 and new["identity"]["weights"] == old_heads.weights
+    # each folder stores its own query model's training embeddings: a next update fits to them
+    stored = [load_file(trained / h / EMBEDDINGS_FILE) for h in ("heads", "heads-new")]
+    assert all(QUERY_MEMBER in st and len(st[QUERY_MEMBER]) == 1797 for st in stored)
+    assert not torch.equal(stored[0][QUERY_MEMBER], stored[1][QUERY_MEMBER])
+    assert torch.equal(stored[0]["gallery.resnet"], stored[1]["gallery.resnet"])
 
 
 def test_update_refuses_to_query_heads_with_the_identity_member(trained, tmp_path):
@@ -194,6 +201,35 @@ def test_update_refuses_heads_without_stored_embeddings(trained, tmp_path):
     )
     assert r.exit_code == errors.CheckpointError.exit_code
     assert "has no train-embeddings.safetensors" in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_update_refuses_stored_embeddings_without_the_query_member(trained, tmp_path):
+    """The gallery fuses the query model's own member: a new head cannot be fitted to the
+    stored gallery vectors without the old query model's training embeddings."""
+    lacking = tmp_path / "heads"
+    lacking.mkdir()
+    for name in ("config.json", "weights.safetensors"):
+        (lacking / name).write_bytes((trained / "heads" / name).read_bytes())
+    stored = load_file(trained / "heads" / EMBEDDINGS_FILE)
+    save_file({k: v for k, v in stored.items() if k != QUERY_MEMBER}, lacking / EMBEDDINGS_FILE)
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "update",
+            "--heads",
+            str(lacking),
+            "--query",
+            str(trained / "query-new"),
+            "--data",
+            "digits",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert r.exit_code == errors.CheckpointError.exit_code
+    assert "lacks the query model's own training embeddings" in r.output
     assert not (tmp_path / "out").exists()
 
 

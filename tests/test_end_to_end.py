@@ -89,11 +89,31 @@ def test_spread_finds_bad_gallery_images(run):
     assert quality["score"][-1] > quality["score"][0]
 
 
-def test_update_keeps_the_gallery_and_helps(run):
-    _, report, _ = run
+def test_update_keeps_the_gallery_and_says_whether_it_pays(run):
+    _, report, out = run
     unified = report["update"]["modes"]["unified"]
     assert unified["gallery_reencoded"] is False
-    assert unified["new_query_recall_at_1"] >= unified["old_query_recall_at_1"]
+    rebuilt = report["settings"]["unified:ensemble"]["recall_at_1"]
+    assert unified["rebuilt_recall_at_1"] == rebuilt
+    change = 100 * (unified["new_query_recall_at_1"] - unified["old_query_recall_at_1"])
+    md = (out / "report.md").read_text()
+    if change >= 0:
+        assert f"The update gains {change:.2f} points" in md
+        assert f"rebuilding it for the new query model reaches {100 * rebuilt:.2f}." in md
+    else:
+        assert f"The update loses {-change:.2f} points" in md
+        assert f"rebuild the gallery with heads trained for the new one ({100 * rebuilt:.2f})" in md
+
+
+@pytest.mark.parametrize("new", [0.2, 0.9])
+def test_update_sentence_follows_the_sign(run, new):
+    report = copy.deepcopy(run[1])
+    report["update"].update(old_query_recall_at_1=0.5, new_query_recall_at_1=new)
+    md = markdown(report)
+    if new < 0.5:
+        assert "The update loses 30.00 points of Recall@1 against the old query model" in md
+    else:
+        assert "The update gains 40.00 points of Recall@1 without touching the gallery" in md
 
 
 def test_artifacts_are_written(run):

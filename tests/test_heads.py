@@ -276,6 +276,59 @@ def test_new_query_head_fits_the_new_query_model(data, unified_heads, updated_he
     assert trained < 0.25 * init, (init, trained)
 
 
+@pytest.fixture(scope="module")
+def half_blind():
+    """Gallery models that see half of the latent, query models that see all of it, and linear
+    unified heads (the query head starts as the identity) whose gallery vectors fuse the old
+    query model's own member, weighted most: the stored vectors hold what only the query
+    models see."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 8, generator=gen)
+    raw = {
+        name: F.normalize(x[:, :4] @ torch.randn(d, 4, generator=gen).T, dim=-1)
+        for name, d in DIMS.items()
+    }
+    old, new = (
+        F.normalize(x @ torch.randn(d, 8, generator=gen).T, dim=-1)
+        for d in (QUERY_DIM, NEW_QUERY_DIM)
+    )
+    labels = x[:, :4].argmax(dim=1)
+    train = {k: v[:TRAIN] for k, v in raw.items()}
+    linear = replace(SETTINGS, layers=0, l2_weight=0.1)  # the open-set recipe's heads
+    heads = train_heads("unified", train, old[:TRAIN], labels[:TRAIN], linear, identity=True)
+    heads.set_weights({**dict.fromkeys(DIMS, 1.0), QUERY_MEMBER: 2.0})
+    with torch.no_grad():
+        stored, _ = heads.encode_gallery({**raw, QUERY_MEMBER: old})
+    return {
+        "heads": heads,
+        "train": train,
+        "old": old[:TRAIN],
+        "args": (new[:TRAIN], labels[:TRAIN], linear),
+        "held_out": (new[TRAIN:], stored[TRAIN:]),
+    }
+
+
+def test_query_update_needs_the_fused_query_members_training_embeddings(half_blind):
+    with pytest.raises(ValueError, match=r"fused members \['query'\]"):
+        train_query_head(half_blind["heads"], half_blind["train"], *half_blind["args"])
+
+
+def test_new_query_head_lands_on_the_stored_gallery_vectors(half_blind):
+    """A new query head fitted to the stored (fused) vectors, the old query model's member
+    among them, lands nearer them on held-out images than one fitted to the gallery heads'
+    outputs alone, which lack what only the query models see."""
+    heads, args = half_blind["heads"], half_blind["args"]
+    fused = train_query_head(heads, {**half_blind["train"], QUERY_MEMBER: half_blind["old"]}, *args)
+    heads_only = copy.deepcopy(heads)
+    heads_only.set_weights({**dict.fromkeys(DIMS, 1.0), QUERY_MEMBER: 0.0})
+    heads_only = train_query_head(heads_only, half_blind["train"], *args)
+    q, stored = half_blind["held_out"]
+    with torch.no_grad():
+        near = (fused.encode_query(q) - stored).pow(2).sum(1).mean().item()
+        far = (heads_only.encode_query(q) - stored).pow(2).sum(1).mean().item()
+    assert near < 0.8 * far, (near, far)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

@@ -680,10 +680,11 @@ def train_heads_cmd(
     settings = replace(
         OPEN_SET_HEADS, steps=steps or OPEN_SET_HEADS.steps, epochs=epochs, seed=seed
     )
+    own = embed(query, images.images)
     heads = train_heads(
         mode,
         raw,
-        embed(query, images.images),
+        own,
         labels,
         settings,
         dim=dim if mode == "unified" else None,
@@ -697,7 +698,7 @@ def train_heads_cmd(
         settings,
         {"data": images.name, "images": len(images)},
     )
-    _save_embeddings(out / EMBEDDINGS_FILE, raw, labels)
+    _save_embeddings(out / EMBEDDINGS_FILE, raw, labels, own if identity else None)
     click.echo(f"wrote {out} (mode {mode}, space_id {config['space_id']})")
 
 
@@ -750,6 +751,7 @@ def train_update(heads_dir, query_dir, source, out, steps, epochs, seed, trust) 
     from gallery_builder.models import load_model
     from gallery_builder.training.fit import embed
     from gallery_builder.training.heads import (
+        QUERY_MEMBER,
         head_settings,
         load_heads,
         save_heads,
@@ -775,6 +777,14 @@ def train_update(heads_dir, query_dir, source, out, steps, epochs, seed, trust) 
         )
     stored = load_file(stored_path)
     raw = {n: stored[f"gallery.{n}"].float() for n in heads.names}
+    if heads.mode == "unified" and QUERY_MEMBER in heads.fused:
+        if QUERY_MEMBER not in stored:
+            raise CheckpointError(
+                f"{stored_path} lacks the query model's own training embeddings, which the "
+                "gallery vectors fuse; train the heads again with `cmce train heads` (it "
+                "stores them) and rebuild the gallery"
+            )
+        raw[QUERY_MEMBER] = stored[QUERY_MEMBER].float()
     images = load_source(source, query.input_spec)
     if len(images) != len(stored["labels"]):
         raise DataError(
@@ -801,7 +811,7 @@ def train_update(heads_dir, query_dir, source, out, steps, epochs, seed, trust) 
         settings,
         {**hcfg["training"], "updated_from": hcfg["space_id"]},
     )
-    _save_embeddings(out / EMBEDDINGS_FILE, raw, labels)
+    _save_embeddings(out / EMBEDDINGS_FILE, raw, labels, q if heads.mode == "unified" else None)
     same = config["space_id"] == hcfg["space_id"]
     click.echo(
         f"wrote {out} (space_id {config['space_id']}: "
@@ -813,16 +823,17 @@ def train_update(heads_dir, query_dir, source, out, steps, epochs, seed, trust) 
     )
 
 
-def _save_embeddings(path: Path, raw: dict, labels) -> None:
+def _save_embeddings(path: Path, raw: dict, labels, own=None) -> None:
+    """The gallery models' raw training embeddings (fp16), and the query model's ``own`` when
+    the gallery fuses them: what `cmce train update` fits a new query model to."""
     from safetensors.torch import save_file
 
-    save_file(
-        {
-            **{f"gallery.{n}": v.half().contiguous() for n, v in raw.items()},
-            "labels": labels.contiguous(),
-        },
-        str(path),
-    )
+    from gallery_builder.training.heads import QUERY_MEMBER
+
+    tensors = {f"gallery.{n}": v.half().contiguous() for n, v in raw.items() if n != QUERY_MEMBER}
+    if own is not None:
+        tensors[QUERY_MEMBER] = own.half().contiguous()
+    save_file({**tensors, "labels": labels.contiguous()}, str(path))
 
 
 # ---------------------------------------------------------------- models

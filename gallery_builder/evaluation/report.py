@@ -65,7 +65,7 @@ def markdown(report: dict) -> str:
     )
     upd_rows = "\n".join(
         f"| {mode} | {100 * u['old_query_recall_at_1']:.2f} | "
-        f"{100 * u['new_query_recall_at_1']:.2f} |"
+        f"{100 * u['new_query_recall_at_1']:.2f} | {100 * u['rebuilt_recall_at_1']:.2f} |"
         for mode, u in upd["modes"].items()
     )
     views = {
@@ -138,12 +138,15 @@ Best query-time rule: **{qt["best_rule"]}**: error {100 * err_full:.2f}% at full
 ## Compatible query-model update
 
 A new query model (more data, longer training) against a gallery encoded once for the old one;
-no gallery model is run again (`unified`: a new query head into the same space; `to-query`:
-new gallery heads re-project the stored raw gallery embeddings).
+no gallery model is run again (`unified`: the gallery fuses the old query model's own member
+with weights fitted on the validation classes, and a new query head learns to land on those
+stored vectors; `to-query`: new gallery heads re-project the stored raw gallery embeddings).
 
-| mode | old query Recall@1 (%) | new query Recall@1 (%) |
-|---|---|---|
+| mode | old query Recall@1 (%) | new query Recall@1 (%) | gallery rebuilt for the new one (%) |
+|---|---|---|---|
 {upd_rows}
+
+{_update_sentence(upd)}
 
 ## Recommendation
 
@@ -157,6 +160,24 @@ Wall-clock seconds per stage (models found in the cache take next to none).
 |---|---|
 {time_rows}
 """
+
+
+def _update_sentence(update: dict) -> str:
+    """Whether the default mode's update is worth deploying, against keeping the old query
+    model or rebuilding the gallery."""
+    old, new, rebuilt = (
+        100 * update[f"{k}_recall_at_1"] for k in ("old_query", "new_query", "rebuilt")
+    )
+    if new >= old:
+        return (
+            f"The update gains {new - old:.2f} points of Recall@1 without touching the gallery "
+            f"(`{update['mode']}`); rebuilding it for the new query model reaches {rebuilt:.2f}."
+        )
+    return (
+        f"The update loses {old - new:.2f} points of Recall@1 against the old query model "
+        f"(`{update['mode']}`): keep the old query model, or rebuild the gallery with heads "
+        f"trained for the new one ({rebuilt:.2f})."
+    )
 
 
 def _pct(x: float) -> str:
