@@ -87,7 +87,8 @@ class InputSpec:
 def to_model_input(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Convert uint8 images (N, H, W[, C]) to the spec's size and channels (N, H, W, C) uint8.
 
-    Grey becomes RGB by repetition, RGB becomes grey by ITU-R 601 luma; a size mismatch is
+    Grey becomes RGB by repetition, RGB becomes grey by ITU-R 601 luma (Pillow's convert("L")
+    fixed point, as for decoded files); a size mismatch is
     resized with bilinear filtering (Pillow).
     """
     images = np.asarray(images)
@@ -103,8 +104,9 @@ def to_model_input(images: np.ndarray, spec: InputSpec) -> np.ndarray:
         if spec.channels == 3:
             images = np.repeat(images, 3, axis=-1)
         else:
-            luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-            images = np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None]
+            # Pillow's convert("L"): 16-bit fixed point, exact in integers on every CPU
+            luma = images.astype(np.uint32) @ np.array([19595, 38470, 7471], np.uint32)
+            images = ((luma + 0x8000) >> 16).astype(np.uint8)[..., None]
     if images.shape[1:3] != (spec.height, spec.width):
         from PIL import Image
 

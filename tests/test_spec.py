@@ -143,6 +143,16 @@ def test_rgb_to_grey_uses_itu_601_luma():
     np.testing.assert_array_equal(out[..., 0], expected)
 
 
+def test_rgb_to_grey_is_pillows_luma_on_every_colour():
+    """Integer fixed point, so the native SDK's conversion matches it bit for bit on any CPU
+    (a float32 matmul rounds differently across SIMD paths)."""
+    from PIL import Image
+
+    every = np.arange(2**24, dtype=np.uint32).view(np.uint8).reshape(4096, 4096, 4)[..., :3]
+    out = to_model_input(every[None], InputSpec(4096, 4096, 1))[0, ..., 0]
+    np.testing.assert_array_equal(out, np.asarray(Image.fromarray(every).convert("L")))
+
+
 def test_rgba_drops_alpha():
     rgb = np.array([[[[100, 150, 200], [1, 2, 3]]]], dtype=np.uint8)  # (1, 1, 2, 3)
     opaque = np.concatenate([rgb, np.full((1, 1, 2, 1), 255, np.uint8)], axis=-1)

@@ -329,7 +329,12 @@ Image decode_jpeg(const uint8_t* d, size_t n, const PixelSpec& spec, const std::
 
 // ------------------------------------------------------------------ conversion and resize
 
-// Image.convert("L") (L24: ITU-R 601 in 16-bit fixed point; alpha ignored) or "RGB".
+// ITU-R 601 luma of an RGB pixel in Pillow's 16-bit fixed point (Image.convert("L"), L24).
+uint8_t luma601(const uint8_t* p) {
+  return uint8_t((p[0] * 19595u + p[1] * 38470u + p[2] * 7471u + 0x8000u) >> 16);
+}
+
+// Image.convert("L") (alpha ignored) or "RGB".
 Pixels pil_convert(const Image& im, int channels) {
   const size_t n = size_t(im.width) * im.height;
   const int c = im.channels;
@@ -337,7 +342,7 @@ Pixels pil_convert(const Image& im, int channels) {
   for (size_t i = 0; i < n; ++i) {
     const uint8_t* p = &im.px[i * c];
     if (channels == 1) {
-      out[i] = c >= 3 ? uint8_t((p[0] * 19595 + p[1] * 38470 + p[2] * 7471 + 0x8000) >> 16) : p[0];
+      out[i] = c >= 3 ? luma601(p) : p[0];
     } else if (c >= 3) {
       std::memcpy(&out[i * 3], p, 3);
     } else {
@@ -526,13 +531,7 @@ Status pixels_to_input(const uint8_t* pixels, int height, int width, int channel
       } else if (channels == 1) {
         px[i] = p[0];
       } else {
-        // float32 luma @ [0.299, 0.587, 0.114] as numpy's matmul of (N, H, W, 3) computes it
-        // (the first product rounded, then two fused multiply-adds: equal on all 2**24 colours),
-        // np.rint (half to even), clipped
-        float luma = float(p[0]) * 0.299f;
-        luma = std::fma(float(p[1]), 0.587f, luma);
-        luma = std::fma(float(p[2]), 0.114f, luma);
-        px[i] = static_cast<uint8_t>(std::clamp(std::nearbyint(luma), 0.0f, 255.0f));
+        px[i] = luma601(p);
       }
     }
     *out = to_spec_size(std::move(px), height, width, spec);

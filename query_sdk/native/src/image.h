@@ -40,8 +40,8 @@ Status image_to_input(const uint8_t* bytes, size_t n, const PixelSpec& spec, Pix
                       const std::string& name = "encoded image");
 
 // Raw pixels (channels 1, 3 or 4; row-major, interleaved) -> the model input, as
-// query_sdk.spec.to_model_input on a uint8 array: alpha dropped, grey <-> RGB (float32 luma,
-// rounded half to even), resized (Pillow's BILINEAR).
+// query_sdk.spec.to_model_input on a uint8 array: alpha dropped, grey <-> RGB (ITU-R 601,
+// Pillow's fixed point, as for files), resized (Pillow's BILINEAR).
 Status pixels_to_input(const uint8_t* pixels, int height, int width, int channels,
                        const PixelSpec& spec, Pixels* out);
 
