@@ -179,11 +179,23 @@ def test_update_refuses_to_query_heads_with_the_identity_member(trained, tmp_pat
     assert not (tmp_path / "new").exists()
 
 
-def test_update_refuses_heads_without_stored_embeddings(trained, tmp_path):
+@pytest.mark.parametrize(
+    ("stored", "message"),
+    [
+        (None, "has no train-embeddings.safetensors"),
+        # the gallery fuses the query model's own member: a new head cannot be fitted to the
+        # stored gallery vectors without the old query model's training embeddings
+        ("without the query member", "lacks the query model's own training embeddings"),
+    ],
+)
+def test_update_refuses_heads_without_what_it_fits_to(trained, tmp_path, stored, message):
     bare = tmp_path / "heads"
     bare.mkdir()
     for name in ("config.json", "weights.safetensors"):
         (bare / name).write_bytes((trained / "heads" / name).read_bytes())
+    if stored:
+        tensors = load_file(trained / "heads" / EMBEDDINGS_FILE)
+        save_file({k: v for k, v in tensors.items() if k != QUERY_MEMBER}, bare / EMBEDDINGS_FILE)
     r = CliRunner().invoke(
         main,
         [
@@ -200,36 +212,7 @@ def test_update_refuses_heads_without_stored_embeddings(trained, tmp_path):
         ],
     )
     assert r.exit_code == errors.CheckpointError.exit_code
-    assert "has no train-embeddings.safetensors" in r.output
-    assert not (tmp_path / "out").exists()
-
-
-def test_update_refuses_stored_embeddings_without_the_query_member(trained, tmp_path):
-    """The gallery fuses the query model's own member: a new head cannot be fitted to the
-    stored gallery vectors without the old query model's training embeddings."""
-    lacking = tmp_path / "heads"
-    lacking.mkdir()
-    for name in ("config.json", "weights.safetensors"):
-        (lacking / name).write_bytes((trained / "heads" / name).read_bytes())
-    stored = load_file(trained / "heads" / EMBEDDINGS_FILE)
-    save_file({k: v for k, v in stored.items() if k != QUERY_MEMBER}, lacking / EMBEDDINGS_FILE)
-    r = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "update",
-            "--heads",
-            str(lacking),
-            "--query",
-            str(trained / "query-new"),
-            "--data",
-            "digits",
-            "--out",
-            str(tmp_path / "out"),
-        ],
-    )
-    assert r.exit_code == errors.CheckpointError.exit_code
-    assert "lacks the query model's own training embeddings" in r.output
+    assert message in r.output
     assert not (tmp_path / "out").exists()
 
 
