@@ -654,8 +654,9 @@ def train_heads_cmd(
     experiment's recipe for data nobody has seen (linear heads, a step budget) and equal
     fusion weights; `cmce experiment` also fits the weights on held-out classes.
 
-    Also stores the gallery models' raw embeddings of the training images (fp16) in the
-    heads folder, so `cmce train update` can fit a new query model without them.
+    Also stores the raw embeddings of the training images (fp16) in the heads folder, the
+    gallery models' and, with --identity, the query model's own, so `cmce train update` can
+    fit a new query model to the gallery vectors without running any gallery model.
 
     \b
     Example:
@@ -740,9 +741,12 @@ def train_heads_cmd(
 def train_update(heads_dir, query_dir, source, out, steps, epochs, seed, trust) -> None:
     """Fit a new query model to an existing gallery without running any gallery model.
 
-    unified: a new query head into the same space (space_id unchanged: the gallery stays).
-    to-query: new gallery heads into the new query space, from the stored raw embeddings
-    (re-project the gallery with them).
+    unified: a new query head into the same space (space_id unchanged: the gallery stays),
+    fitted to land on the training images' gallery vectors as stored (the old query model's
+    own member included). to-query: new gallery heads into the new query space, from the
+    stored raw embeddings (re-project the gallery with them). Compare before deploying: a
+    new head fitted on the training classes can lose to the old query model on unseen
+    classes (`cmce experiment` reports both).
     """
     import torch
     from safetensors.torch import load_file
