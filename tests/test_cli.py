@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from gallery_builder.cli.main import EMBEDDINGS_FILE, main
 from gallery_builder.data import datasets as data_module
-from gallery_builder.training.heads import QUERY_MEMBER, load_heads
+from gallery_builder.training.heads import QUERY_MEMBER, UPDATE_L2_WEIGHT, load_heads
 from query_sdk import errors
 
 SMALL = ["--data", "digits", "--epochs", "2", "--batch-size", "64"]
@@ -143,6 +143,8 @@ def test_update_keeps_the_space(trained):
         k: v for k, v in old["settings"].items() if k != "epochs"
     }
     assert new["settings"]["epochs"] == 3 and new["identity"]["weights"] == old_heads.weights
+    assert new["training"]["updated_from"] == old["space_id"]
+    assert new["training"]["update_l2_weight"] == UPDATE_L2_WEIGHT
     # each folder stores its own query model's training embeddings: a next update fits to them
     stored = [load_file(trained / h / EMBEDDINGS_FILE) for h in ("heads", "heads-new")]
     assert all(QUERY_MEMBER in st and len(st[QUERY_MEMBER]) == 1797 for st in stored)

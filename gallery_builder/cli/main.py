@@ -756,6 +756,7 @@ def train_update(heads_dir, query_dir, source, out, steps, epochs, seed, trust) 
     from gallery_builder.training.fit import embed
     from gallery_builder.training.heads import (
         QUERY_MEMBER,
+        UPDATE_L2_WEIGHT,
         head_settings,
         load_heads,
         save_heads,
@@ -813,7 +814,11 @@ def train_update(heads_dir, query_dir, source, out, steps, epochs, seed, trust) 
         qcfg["fingerprint"],
         gallery_fps,
         settings,
-        {**hcfg["training"], "updated_from": hcfg["space_id"]},
+        {
+            **hcfg["training"],
+            "updated_from": hcfg["space_id"],
+            **({"update_l2_weight": UPDATE_L2_WEIGHT} if heads.mode == "unified" else {}),
+        },
     )
     _save_embeddings(out / EMBEDDINGS_FILE, raw, labels, q if heads.mode == "unified" else None)
     same = config["space_id"] == hcfg["space_id"]
