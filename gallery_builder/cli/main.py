@@ -782,6 +782,7 @@ def train_update(heads_dir, query_dir, source, out, steps, epochs, seed, trust) 
         )
     stored = load_file(stored_path)
     raw = {n: stored[f"gallery.{n}"].float() for n in heads.names}
+    members = dict(raw)  # what the stored gallery vectors fuse
     if heads.mode == "unified" and QUERY_MEMBER in heads.fused:
         if QUERY_MEMBER not in stored:
             raise CheckpointError(
@@ -789,7 +790,7 @@ def train_update(heads_dir, query_dir, source, out, steps, epochs, seed, trust) 
                 "gallery vectors fuse; train the heads again with `cmce train heads` (it "
                 "stores them) and rebuild the gallery"
             )
-        raw[QUERY_MEMBER] = stored[QUERY_MEMBER].float()
+        members[QUERY_MEMBER] = stored[QUERY_MEMBER].float()
     images = load_source(source, query.input_spec)
     if len(images) != len(stored["labels"]):
         raise DataError(
@@ -803,7 +804,7 @@ def train_update(heads_dir, query_dir, source, out, steps, epochs, seed, trust) 
         settings = replace(settings, steps=steps or settings.steps, epochs=epochs)
     q = embed(query, images.images)
     if heads.mode == "unified":
-        new = train_query_head(heads, raw, q, labels, settings)
+        new = train_query_head(heads, members, q, labels, settings)
     else:
         new = train_heads("to-query", raw, q, labels, settings)
         new.set_weights(heads.weights)
@@ -839,7 +840,7 @@ def _save_embeddings(path: Path, raw: dict, labels, own=None) -> None:
 
     from gallery_builder.training.heads import QUERY_MEMBER
 
-    tensors = {f"gallery.{n}": v.half().contiguous() for n, v in raw.items() if n != QUERY_MEMBER}
+    tensors = {f"gallery.{n}": v.half().contiguous() for n, v in raw.items()}
     if own is not None:
         tensors[QUERY_MEMBER] = own.half().contiguous()
     save_file({**tensors, "labels": labels.contiguous()}, str(path))
