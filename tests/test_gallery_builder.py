@@ -375,3 +375,129 @@ def test_ray_engine_matches_local(digits_run, tmp_path):
     assert [r[:2] for r in a] == [r[:2] for r in b] and len(a) == 500
     assert all(np.allclose(x[2], y[2], atol=1e-5) for x, y in zip(a, b, strict=True))
     assert read_manifest(tmp_path / "ray").skipped == 1
+
+
+@pytest.fixture(scope="module")
+def old_query_gallery(digits_run, tmp_path_factory):
+    """A gallery built for the run's old query model (its own heads), from copies of the
+    gallery models' folders: (run folder, gallery, the copies' folder, heads folder)."""
+    import shutil
+
+    from gallery_builder.cli.main import main as cmce
+
+    _, _, run_dir = digits_run
+    root = tmp_path_factory.mktemp("old-query")
+    copies = root / "models"
+    for name in GALLERY_MODELS[:-1]:
+        shutil.copytree(run_dir / "models" / name, copies / name)
+    args = ["train", "heads", "--query", run_dir / "models" / "query-old", "--data", "digits"]
+    for name in GALLERY_MODELS[:-1]:
+        args += ["--gallery-model", copies / name]
+    args += ["--steps", 200, "--out", root / "heads-old"]
+    r = CliRunner().invoke(cmce, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    models = [copies / n for n in GALLERY_MODELS[:-1]] + [run_dir / "models" / "query-old"]
+    gallery = root / "gallery"
+    build(models, root / "heads-old", "digits", gallery, BuildSettings(shard_size=700))
+    return run_dir, gallery, copies, root / "heads-old"
+
+
+def test_refresh_equals_a_build_for_the_new_query_model(built, old_query_gallery, tmp_path):
+    """`refresh` re-encodes only the query model's member: with the gallery models' folders
+    gone it reaches the gallery a full build with the new query model and heads makes."""
+    import shutil
+
+    _, fresh, _ = built
+    run_dir, old, copies, _ = old_query_gallery
+    gallery = tmp_path / "gallery"
+    shutil.copytree(old, gallery)
+    shutil.rmtree(copies)  # no gallery model can run
+    r = CliRunner().invoke(
+        main,
+        [
+            "refresh",
+            "--gallery",
+            str(gallery),
+            "--query",
+            str(run_dir / "models" / "query"),
+            "--heads",
+            str(run_dir / "heads" / "unified"),
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["items"] == 1797
+    assert read_manifest(gallery).space_id == read_manifest(fresh).space_id
+    assert read_manifest(gallery).space_id != read_manifest(old).space_id
+    a, b = shard_contents(gallery), shard_contents(fresh)
+    assert [x[0] for x in a] == [y[0] for y in b]
+    assert min(float(x[2] @ y[2]) for x, y in zip(a, b, strict=True)) >= 0.9999
+    verify_gallery(gallery)
+    info = json.loads((gallery / "build.json").read_text())
+    assert info["models"][-1] == str((run_dir / "models" / "query").resolve())
+    assert (
+        info["job"]["models"][QUERY_MEMBER]
+        == read_manifest(fresh).gallery_models[-1]["fingerprint"]
+    )
+
+
+def test_refresh_refuses_what_it_cannot_do(old_query_gallery, tmp_path):
+    import shutil
+
+    from gallery_builder.gallery.build import refresh
+
+    run_dir, old, _, heads_old = old_query_gallery
+    query = run_dir / "models" / "query"
+    gallery = tmp_path / "gallery"
+    shutil.copytree(old, gallery)
+    before = (gallery / "manifest.json").read_bytes()
+    # heads of another query model
+    with pytest.raises(CheckpointError, match="heads belong to query model"):
+        refresh(gallery, query, heads_old)
+    # heads without the query model's own member: nothing to refresh
+    heads, config = load_heads(run_dir / "heads" / "unified")
+    heads.set_weights({**dict.fromkeys(heads.names, 1.0), QUERY_MEMBER: 0.0})
+    fps = {g["name"]: g["fingerprint"] for g in config["gallery_models"]}
+    save_heads(tmp_path / "no-own", heads, config["query_fingerprint"], fps, HeadSettings(), {})
+    with pytest.raises(CheckpointError, match="no query-model member"):
+        refresh(gallery, query, tmp_path / "no-own")
+    # heads for another resnet
+    heads, _ = load_heads(run_dir / "heads" / "unified")
+    other = {**fps, "resnet": "0" * 16}
+    save_heads(tmp_path / "other", heads, config["query_fingerprint"], other, HeadSettings(), {})
+    with pytest.raises(CheckpointError, match="this gallery was encoded by"):
+        refresh(gallery, query, tmp_path / "other")
+    assert (gallery / "manifest.json").read_bytes() == before
+
+
+def test_refresh_needs_every_item_from_its_source(digits_run, old_query_gallery, tmp_path):
+    """An item whose file is gone or broken: a clear error naming it, the gallery as it was."""
+    from gallery_builder.gallery.build import refresh
+
+    run_dir, _, _, heads_old = old_query_gallery
+    digits = load_digits()
+    folder = tmp_path / "images"
+    for i in range(30):
+        (folder / str(digits.labels[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digits.images[i, :, :, 0]).save(folder / str(digits.labels[i]) / f"{i}.png")
+    models = [run_dir / "models" / n for n in GALLERY_MODELS[:-1]]
+    gallery = tmp_path / "gallery"
+    build(
+        [*models, run_dir / "models" / "query-old"],
+        heads_old,
+        str(folder),
+        gallery,
+        BuildSettings(),
+    )
+    before = (gallery / "manifest.json").read_bytes()
+    gone = next(folder.glob("*/7.png"))
+    gone.unlink()
+    with pytest.raises(GalleryError, match=r"no longer in its sources.*7\.png"):
+        refresh(gallery, run_dir / "models" / "query", run_dir / "heads" / "unified")
+    Image.fromarray(digits.images[7, :, :, 0]).save(gone)
+    next(folder.glob("*/3.png")).write_bytes(b"not an image")
+    with pytest.raises(GalleryError, match=r"no longer decode.*3\.png"):
+        refresh(gallery, run_dir / "models" / "query", run_dir / "heads" / "unified")
+    assert (gallery / "manifest.json").read_bytes() == before
+    verify_gallery(gallery)

@@ -57,6 +57,7 @@ def main() -> None:
       cmce-build-gallery add --gallery gallery/ --images new-images/
       cmce-build-gallery remove --gallery gallery/ --ids fashion-mnist:train/17
       cmce-build-gallery reproject --gallery gallery/ --heads heads-v2/
+      cmce-build-gallery refresh --gallery gallery/ --query query-v2/ --heads heads-v2/
       cmce-build-gallery keygen --out signing && cmce-build-gallery build ... --sign-key signing.key
     """
 
@@ -211,6 +212,45 @@ def reproject(gallery, heads_dir, sign_key, as_json) -> None:
     from gallery_builder.gallery.build import reproject as run
 
     summary = run(gallery, heads_dir)
+    _sign(gallery, sign_key)
+    _report(summary, as_json)
+
+
+@main.command()
+@click.option("--gallery", required=True, type=PathType)
+@click.option(
+    "--query",
+    "query_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The new query model.",
+)
+@click.option(
+    "--heads",
+    "heads_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Heads trained for the new query model and this gallery's gallery models, fusing the "
+    "query model's own member (`cmce train heads --query NEW --gallery-model ...`, or an "
+    "experiment's heads whose gallery models are these).",
+)
+@sign_option
+@json_option
+@trust_option
+@cli_errors
+def refresh(gallery, query_dir, heads_dir, sign_key, as_json, trust) -> None:
+    """After a query-model update: re-encode only the query model's own member and rebuild
+    every shard with the new heads. The gallery models do not run again (their raw embeddings
+    are stored); the small query model reads every item once more from the sources the
+    gallery was built and added from, so they must still be there.
+
+    Where `cmce train update` (no model runs, the space stays) loses to the old query model,
+    as it can on classes no model was trained on, this reaches a rebuild's accuracy at the
+    cost of one query-model pass. The gallery moves to the new query model's space: ship the
+    new query model with it."""
+    from gallery_builder.gallery.build import refresh as run
+
+    summary = run(gallery, query_dir, heads_dir, trust)
     _sign(gallery, sign_key)
     _report(summary, as_json)
 

@@ -4,6 +4,7 @@ A gallery is made in two phases, both resumable and shared by every command:
 :mod:`~gallery_builder.gallery.encode` (images -> the N gallery models -> raw parts, the
 expensive part) and :mod:`~gallery_builder.gallery.index` (raw parts -> heads -> hnswlib shards,
 ``ef_search`` tuned, the manifest written last). ``reproject`` is phase 2 alone with new heads;
+``refresh`` re-encodes only the query model's own member (a new query model) before phase 2;
 ``add`` encodes new parts and indexes them into new shards; ``remove`` marks items deleted.
 
 Every command is one :func:`query_sdk.fileio.folder_transaction` on the gallery folder: it takes
@@ -26,15 +27,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from gallery_builder.data.datasets import DataError
-from gallery_builder.data.sources import open_source
-from gallery_builder.gallery.encode import Ensemble, encode, split_ranges
+from gallery_builder.data.sources import GalleryItem, ItemSource, open_source
+from gallery_builder.gallery.encode import Ensemble, decode_items, encode, split_ranges
 from gallery_builder.gallery.index import BuildSettings, gallery_manifest, index_parts
-from gallery_builder.gallery.raw_store import RAW_DIR, list_parts, part_path, read_part
+from gallery_builder.gallery.raw_store import RAW_DIR, list_parts, part_path, read_part, write_part
 from gallery_builder.models.checkpoint import CheckpointError
-from gallery_builder.models.saving import Trust
-from gallery_builder.training.heads import load_heads
+from gallery_builder.models.saving import Trust, load_model
+from gallery_builder.training.fit import embed
+from gallery_builder.training.heads import QUERY_MEMBER, check_query_model, load_heads
 from query_sdk.fileio import folder_transaction, read_json, write_bytes_atomic, write_json_atomic
 from query_sdk.gallery_format import (
     MANIFEST_FILE,
@@ -55,6 +58,7 @@ __all__ = [
     "add",
     "remove",
     "reproject",
+    "refresh",
     "BUILD_FILE",
     "SKIPPED_FILE",
 ]
@@ -231,40 +235,135 @@ def reproject(gallery: Path, heads_dir: Path) -> Summary:
     with _change(gallery) as stage:
         manifest = read_manifest(gallery)
         info = _read_build(gallery)
-        known = {g["name"]: g["fingerprint"] for g in manifest.gallery_models}
-        given = {g["name"]: g["fingerprint"] for g in heads_config["gallery_models"]}
-        if known != given:
-            raise CheckpointError(
-                f"the heads in {heads_dir} are for gallery models {given}; "
-                f"this gallery was encoded by {known}"
-            )
-        s = _settings(info)
+        _check_gallery_models(manifest, heads_config, heads_dir)
         numbers = list_parts(gallery)
-        for sh in manifest.shards:
-            for name in sh.files:
-                (stage / name).unlink(missing_ok=True)
-        indexed = index_parts(heads, stage, numbers, s, set(info["removed"]))
-        write_json_atomic(
-            stage / BUILD_FILE,
-            {
-                **info,
-                "heads": str(Path(heads_dir).resolve()),
-                "job": {**info["job"], "heads": heads_config["fingerprint"]},
-            },
-        )
-        new = gallery_manifest(
-            stage,
-            heads,
-            heads_config,
-            s,
-            indexed,
-            manifest.skipped,
-            indexed.rejected,
-            _files(stage, numbers, manifest.files),
-        )
-        write_manifest(stage, new)
+        new = _reindex(stage, manifest, info, heads, heads_config, heads_dir, numbers, info["job"])
     n = sum(len(read_part(part_path(gallery, k))) for k in numbers)
     return _summary(new, time.perf_counter() - start, n)
+
+
+def refresh(gallery: Path, query_dir: Path, heads_dir: Path, trust: Trust = ()) -> Summary:
+    """After a query-model update: re-encode the query model's own member with the new query
+    model and rebuild every shard with heads trained for it. Of the ensemble only the (small)
+    query model runs, over the gallery's items read again from its recorded sources; the gallery
+    models' stored raw embeddings are reused. ``trust`` as for ``load_model``."""
+    start = time.perf_counter()
+    gallery = Path(gallery)
+    heads, heads_config = load_heads(heads_dir)
+    if QUERY_MEMBER not in heads.fused:
+        raise CheckpointError(
+            f"the heads in {heads_dir} fuse no query-model member ({heads.fused}): nothing to "
+            "refresh; `reproject` with them instead"
+        )
+    model, config = load_model(query_dir, trust)
+    check_query_model(heads_config, config)
+    with _change(gallery) as stage:
+        manifest = read_manifest(gallery)
+        info = _read_build(gallery)
+        _check_gallery_models(manifest, heads_config, heads_dir, but=QUERY_MEMBER)
+        numbers = list_parts(gallery)
+        lookup = _source_items(info["sources"])
+        s = _settings(info)
+        total = sum(len(read_part(part_path(gallery, k))) for k in numbers)
+        with tqdm(total=total, desc="refresh", unit="img") as bar:
+            for k in numbers:
+                part = read_part(part_path(gallery, k))
+                part.raw[QUERY_MEMBER] = _embed_items(
+                    model, config["embedding_dim"], lookup, part.ids, s.batch_size, gallery, bar
+                ).astype(np.float16)
+                write_part(part_path(stage, k), part)
+        # gallery models are named by their folder; the query model is whichever folder is not
+        gallery_names = set(info["job"]["models"]) - {QUERY_MEMBER}
+        models = [d for d in info["models"] if Path(d).name in gallery_names]
+        info = {**info, "models": [*models, str(Path(query_dir).resolve())]}
+        job_models = {**info["job"]["models"], QUERY_MEMBER: config["fingerprint"]}
+        job = {**info["job"], "models": job_models}
+        # the raw parts are rewritten: hashed anew
+        manifest.files = {n: f for n, f in manifest.files.items() if not n.startswith(RAW_DIR)}
+        new = _reindex(stage, manifest, info, heads, heads_config, heads_dir, numbers, job)
+    return _summary(new, time.perf_counter() - start, total)
+
+
+def _check_gallery_models(
+    manifest: Manifest, heads_config: dict, heads_dir: Path, but: str = ""
+) -> None:
+    """The heads must take the gallery models this gallery was encoded by (all but ``but``)."""
+    known = {g["name"]: g["fingerprint"] for g in manifest.gallery_models if g["name"] != but}
+    given = {
+        g["name"]: g["fingerprint"] for g in heads_config["gallery_models"] if g["name"] != but
+    }
+    if known != given:
+        raise CheckpointError(
+            f"the heads in {heads_dir} are for gallery models {given}; "
+            f"this gallery was encoded by {known}"
+        )
+
+
+def _reindex(stage, manifest, info, heads, heads_config, heads_dir, numbers, job) -> Manifest:
+    """Every shard of the staged gallery rebuilt from its raw parts with ``heads``; the build
+    record and manifest rewritten for them (``manifest.files`` are the checksums that carry
+    over)."""
+    s = _settings(info)
+    for sh in manifest.shards:
+        for name in sh.files:
+            (stage / name).unlink(missing_ok=True)
+    indexed = index_parts(heads, stage, numbers, s, set(info["removed"]))
+    write_json_atomic(
+        stage / BUILD_FILE,
+        {
+            **info,
+            "heads": str(Path(heads_dir).resolve()),
+            "job": {**job, "heads": heads_config["fingerprint"]},
+        },
+    )
+    new = gallery_manifest(
+        stage,
+        heads,
+        heads_config,
+        s,
+        indexed,
+        manifest.skipped,
+        indexed.rejected,
+        _files(stage, numbers, manifest.files),
+    )
+    write_manifest(stage, new)
+    return new
+
+
+def _source_items(sources: list[str]) -> dict[str, tuple[ItemSource, GalleryItem]]:
+    """Every item of a gallery's recorded sources by id (a later source's item wins: an id
+    removed and added again)."""
+    found = {}
+    for source in sources:
+        src = open_source(source)
+        found.update({item.id: (src, item) for item in src.items})
+    return found
+
+
+def _embed_items(model, dim, lookup, ids, batch_size, gallery, bar) -> np.ndarray:
+    """The query model's embeddings of the gallery items ``ids``, read from their sources;
+    a GalleryError when one is gone or no longer decodes (the gallery is left as it was)."""
+    if missing := [i for i in ids if i not in lookup]:
+        raise GalleryError(
+            f"{len(missing)} items of {gallery} are no longer in its sources, first: "
+            f"{missing[:5]}; refresh reads every item again (rebuild the gallery instead)"
+        )
+    out = []
+    for b in range(0, len(ids), batch_size):
+        batch = [lookup[i] for i in ids[b : b + batch_size]]
+        images = np.zeros((len(batch), *model.input_spec.shape), np.uint8)
+        for src in {id(src): src for src, _ in batch}.values():
+            rows = [r for r, (s, _) in enumerate(batch) if s is src]
+            decoded, reasons = decode_items(src, [batch[r][1] for r in rows], {model.input_spec})
+            if bad := [why for why in reasons if why]:
+                raise GalleryError(
+                    f"{len(bad)} items of {gallery} no longer decode, first: {bad[0]}; "
+                    "refresh reads every item again (rebuild the gallery instead)"
+                )
+            images[rows] = decoded[model.input_spec]
+        out.append(embed(model, images).numpy())
+        bar.update(len(batch))
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
 
 def add(gallery: Path, source: str, engine: str = "local", trust: Trust = ()) -> Summary:
