@@ -97,12 +97,19 @@ def test_update_keeps_the_gallery_and_says_whether_it_pays(run):
     assert unified["rebuilt_recall_at_1"] == rebuilt
     change = 100 * (unified["new_query_recall_at_1"] - unified["old_query_recall_at_1"])
     md = (out / "report.md").read_text()
+    models = report["models"]
+    members = {*report["recommendation"]["members"], "query"}
+    cost = (
+        f"only the query model runs again: {models['query']['mflops']:.2f} of "
+        f"{sum(models[m]['mflops'] for m in members):.2f} MFLOPs per image"
+    )
     if change >= 0:
         assert f"The update gains {change:.2f} points" in md
-        assert f"rebuilding it for the new query model reaches {100 * rebuilt:.2f}." in md
+        assert f"(`cmce-build-gallery refresh`, {cost}) reaches {100 * rebuilt:.2f}." in md
     else:
         assert f"The update loses {-change:.2f} points" in md
-        assert f"rebuild the gallery with heads trained for the new one ({100 * rebuilt:.2f})" in md
+        assert f"refresh the gallery for the new one (`cmce-build-gallery refresh`, {cost}: " in md
+        assert f"{cost}: {100 * rebuilt:.2f})." in md
 
 
 @pytest.mark.parametrize("new", [0.2, 0.9])

@@ -141,12 +141,15 @@ A new query model (more data, longer training) against a gallery encoded once fo
 no gallery model is run again (`unified`: the gallery fuses the old query model's own member
 with weights fitted on the validation classes, and a new query head learns to land on those
 stored vectors; `to-query`: new gallery heads re-project the stored raw gallery embeddings).
+Refreshing instead re-encodes only the query model's own member with the new query model and
+fuses it with the stored gallery-model embeddings through heads trained for it
+(`cmce-build-gallery refresh`): what a rebuild reaches, without running a gallery model.
 
-| mode | old query Recall@1 (%) | new query Recall@1 (%) | gallery rebuilt for the new one (%) |
+| mode | old query Recall@1 (%) | new query Recall@1 (%) | gallery refreshed for the new one (%) |
 |---|---|---|---|
 {upd_rows}
 
-{_update_sentence(upd)}
+{_update_sentence(report)}
 
 ## Recommendation
 
@@ -162,22 +165,35 @@ Wall-clock seconds per stage (models found in the cache take next to none).
 """
 
 
-def _update_sentence(update: dict) -> str:
+def _update_sentence(report: dict) -> str:
     """Whether the default mode's update is worth deploying, against keeping the old query
-    model or rebuilding the gallery."""
-    old, new, rebuilt = (
+    model or refreshing the gallery (only the query model runs again)."""
+    update = report["update"]
+    old, new, refreshed = (
         100 * update[f"{k}_recall_at_1"] for k in ("old_query", "new_query", "rebuilt")
     )
+    refresh = f"`cmce-build-gallery refresh`, {_refresh_cost(report)}"
     if new >= old:
         return (
             f"The update gains {new - old:.2f} points of Recall@1 without touching the gallery "
-            f"(`{update['mode']}`); rebuilding it for the new query model reaches {rebuilt:.2f}."
+            f"(`{update['mode']}`); refreshing the gallery for the new query model ({refresh}) "
+            f"reaches {refreshed:.2f}."
         )
     return (
         f"The update loses {old - new:.2f} points of Recall@1 against the old query model "
-        f"(`{update['mode']}`): keep the old query model, or rebuild the gallery with heads "
-        f"trained for the new one ({rebuilt:.2f})."
+        f"(`{update['mode']}`): keep the old query model, or refresh the gallery for the new one "
+        f"({refresh}: {refreshed:.2f})."
     )
+
+
+def _refresh_cost(report: dict) -> str:
+    """What a refresh runs against a full rebuild: the query model's share of the ensemble's
+    multiply-adds per image."""
+    models = report["models"]
+    members = [m for m in report["recommendation"]["members"] if m in models]
+    total = sum(models[m]["mflops"] for m in {*members, "query"})
+    query = models["query"]["mflops"]
+    return f"only the query model runs again: {query:.2f} of {total:.2f} MFLOPs per image"
 
 
 def _pct(x: float) -> str:

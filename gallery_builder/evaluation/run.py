@@ -258,7 +258,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
                 cfg, head_train, raw, eq, eoq, q_train, oq_train, labels, score, first
             ),
         }
-    for mode, u in update["modes"].items():  # what re-encoding the gallery instead reaches
+    # what re-encoding the gallery for the new query model reaches: a rebuild, or a refresh
+    # (only the query model's own member re-encoded; the same vectors)
+    for mode, u in update["modes"].items():
         u["rebuilt_recall_at_1"] = settings[f"{mode}:ensemble"]["recall_at_1"]
     update.update(update["modes"][default_mode])
 
