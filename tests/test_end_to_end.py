@@ -30,6 +30,7 @@ def test_report_follows_the_contract(run):
     expected = {"sym:query", *(f"sym:{g}" for g in names), *(f"kd:{g}" for g in names)}
     for mode in ("unified", "to-query"):
         expected |= {f"{mode}:{g}" for g in names} | {f"{mode}:mean", f"{mode}:ensemble"}
+        expected |= {f"{mode}:fused", f"{mode}:neighbours"}  # the ensemble's two candidates
     expected.add("unified:query")  # the identity member alone (to-query's is sym:query)
     assert set(on_disk["settings"]) == expected
     for values in on_disk["settings"].values():
@@ -74,7 +75,12 @@ def test_models_learn_and_the_ensemble_helps(run):
 def test_recommendation_is_the_validation_winner_with_its_margins(run):
     _, report, _ = run
     rec, val = report["recommendation"], report["validation"]
-    deployable = [n for n in val if not n.startswith("sym:") or n == "sym:query"]
+    deployable = [
+        n
+        for n in val
+        if (not n.startswith("sym:") or n == "sym:query")
+        and not n.endswith((":fused", ":neighbours"))  # the ensemble's candidates
+    ]
     ranked = sorted(deployable, key=lambda n: val[n]["recall_at_1"] + val[n]["map_at_r"])[::-1]
     assert [rec["setting"], rec["runner_up"]] == ranked[:2]
     best, runner = (val[n] for n in ranked[:2])

@@ -501,3 +501,91 @@ def test_refresh_needs_every_item_from_its_source(digits_run, old_query_gallery,
         refresh(gallery, run_dir / "models" / "query", run_dir / "heads" / "unified")
     assert (gallery / "manifest.json").read_bytes() == before
     verify_gallery(gallery)
+
+
+@pytest.fixture(scope="module")
+def neighbour_heads(digits_run, tmp_path_factory):
+    """The run's unified heads with the query model's own member averaged over 3 neighbours."""
+    _, _, run_dir = digits_run
+    heads, config = load_heads(run_dir / "heads" / "unified")
+    heads.set_weights({n: float(n == QUERY_MEMBER) for n in heads.members})
+    heads.set_neighbours({"k": 3, "alpha": 3.0, "graph": dict.fromkeys(heads.names, 1.0)})
+    out = tmp_path_factory.mktemp("nb") / "heads"
+    fps = {g["name"]: g["fingerprint"] for g in config["gallery_models"]}
+    save_heads(out, heads, config["query_fingerprint"], fps, HeadSettings(), {})
+    return out
+
+
+def _png_list(folder, numbers, name):
+    digits = load_digits()
+    for i in numbers:
+        if not (folder / f"{i}.png").exists():
+            Image.fromarray(digits.images[i, :, :, 0]).save(folder / f"{i}.png")
+    (folder / name).write_text("".join(f"{i}.png\n" for i in numbers))
+    return str(folder / name)
+
+
+def _same_vectors(a, b):
+    a, b = shard_contents(a), shard_contents(b)
+    assert [x[0] for x in a] == [y[0] for y in b]
+    assert min(float(x[2] @ y[2]) for x, y in zip(a, b, strict=True)) >= 0.9999
+    assert np.allclose([x[3] for x in a], [y[3] for y in b], atol=1e-3)
+
+
+def test_neighbour_averaged_vectors_are_the_cores(digits_run, neighbour_heads, tmp_path):
+    """Each stored vector is the heads' gallery_vectors over the whole gallery: the query
+    model's own member averaged over neighbours found across shards."""
+    _, _, run_dir = digits_run
+    models, _ = models_and_heads(run_dir)
+    out = tmp_path / "g"
+    build(models, neighbour_heads, "digits", out, BuildSettings(shard_size=500))
+    ensemble = Ensemble(models, neighbour_heads)
+    assert ensemble.names == ensemble.heads.members  # the graph's models run too
+    src = open_source("digits")
+    part = ensemble.encode_raw(src, src.items)
+    raw = {n: torch.from_numpy(part.raw[n].astype(np.float32)) for n in ensemble.names}
+    vectors, unc = ensemble.heads.gallery_vectors(raw)
+    plain, _ = ensemble.heads.encode_gallery(raw)
+    rows = shard_contents(out)
+    order = [{i: k for k, i in enumerate(part.ids)}[r[0]] for r in rows]
+    stored = np.stack([r[2] for r in rows])
+    assert (stored * vectors.numpy()[order]).sum(1).min() >= 0.9999
+    assert (stored * plain.numpy()[order]).sum(1).mean() < 0.99  # averaging moved them
+    assert np.allclose([r[3] for r in rows], unc.numpy()[order], atol=1e-3)
+    assert json.loads((out / "build.json").read_text())["neighbours"]["k"] == 3
+
+
+def test_neighbour_galleries_add_and_remove_like_a_fresh_build(
+    digits_run, neighbour_heads, tmp_path
+):
+    """New items are old items' neighbours and removed ones were: both re-average every
+    vector, so the gallery equals one built from scratch with the items it holds."""
+    _, _, run_dir = digits_run
+    models, _ = models_and_heads(run_dir)
+    first = _png_list(tmp_path, range(60), "first.txt")
+    more = _png_list(tmp_path, range(60, 90), "more.txt")
+    gallery = tmp_path / "g"
+    build(models, neighbour_heads, first, gallery, BuildSettings(shard_size=25))
+    add(gallery, more)
+    fresh = tmp_path / "fresh"
+    build(
+        models,
+        neighbour_heads,
+        _png_list(tmp_path, range(90), "all.txt"),
+        fresh,
+        BuildSettings(shard_size=25),
+    )
+    _same_vectors(gallery, fresh)
+    gone = [f"{i}.png" for i in (3, 31, 75)]
+    assert remove(gallery, gone)["removed"] == 3
+    kept = [i for i in range(90) if f"{i}.png" not in gone]
+    fresh_kept = tmp_path / "fresh-kept"
+    build(
+        models,
+        neighbour_heads,
+        _png_list(tmp_path, kept, "kept.txt"),
+        fresh_kept,
+        BuildSettings(shard_size=25),
+    )
+    _same_vectors(gallery, fresh_kept)
+    verify_gallery(gallery)

@@ -1,5 +1,6 @@
 """Fusion weights fitted on validation classes, so that a weak member cannot drag the fused
-vector down (and the query model's own member can only add to what it achieves alone)."""
+vector down (and the query model's own member can only add to what it achieves alone), and
+the neighbour averaging of the query model's own member over the gallery models' view."""
 
 from __future__ import annotations
 
@@ -10,14 +11,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gallery_builder.evaluation.metrics import scored_metrics
+from gallery_builder.evaluation.metrics import retrieval_metrics, scored_metrics
+from gallery_builder.training.fusion import graph_space, neighbour_average
 from gallery_builder.training.heads import QUERY_MEMBER
 from query_sdk.errors import DataError
 from query_sdk.fileio import read_json, write_json_atomic
 
 __all__ = [
     "fit_weights",
+    "fit_neighbours",
+    "graph_weights",
     "WEIGHT_LEVELS",
+    "NEIGHBOUR_KS",
+    "NEIGHBOUR_ALPHAS",
     "RECOMMENDATION_FILE",
     "write_recommendation",
     "recommended",
@@ -28,6 +34,10 @@ RECOMMENDATION_FILE = "recommendation.json"
 
 #: The weights a member can take, relative to the others (0 drops it).
 WEIGHT_LEVELS = (0.0, 0.5, 1.0, 2.0, 4.0)
+
+#: Neighbour counts and similarity exponents the neighbour averaging is fitted over.
+NEIGHBOUR_KS = (1, 2, 3, 5, 8)
+NEIGHBOUR_ALPHAS = (1.0, 3.0, 10.0)
 
 
 @torch.no_grad()
@@ -95,6 +105,45 @@ def fit_weights(
         starts.append(singles[QUERY_MEMBER])
     w, v = max((ascend(start) for start in starts), key=lambda r: r[1])
     return dict(zip(names, w, strict=True)), v[1]
+
+
+def graph_weights(weights: dict[str, float]) -> dict[str, float]:
+    """The gallery models' weights in the neighbour graph: their fusion weights (the query
+    model's own member left out), equal when none has weight."""
+    gallery = {n: w for n, w in weights.items() if n != QUERY_MEMBER}
+    return gallery if any(w > 0 for w in gallery.values()) else dict.fromkeys(gallery, 1.0)
+
+
+@torch.no_grad()
+def fit_neighbours(
+    own: torch.Tensor,
+    raw: dict[str, torch.Tensor],
+    graph: dict[str, float],
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery_labels: torch.Tensor,
+) -> tuple[dict | None, dict]:
+    """The neighbour averaging of the query model's own member ``own`` (its vectors of the
+    validation gallery) over the gallery models' view (``raw`` validation gallery embeddings at
+    ``graph`` weights) that maximises Recall@1 + MAP@R of the validation ``query`` vectors, over
+    :data:`NEIGHBOUR_KS` x :data:`NEIGHBOUR_ALPHAS`, never below ``own``'s Recall@1 alone:
+    ``({k, alpha, graph}, metrics)``, or ``(None, own's metrics)`` when none does better. Ties
+    keep the smaller k and the larger alpha (the lighter averaging)."""
+    space = graph_space(raw, graph)
+    own = F.normalize(own.float(), dim=-1)
+    best = None, retrieval_metrics(query, query_labels, own, gallery_labels)
+    floor = best[1]["recall_at_1"]
+
+    def value(m: dict) -> float:
+        return m["recall_at_1"] + m["map_at_r"]
+
+    for k in NEIGHBOUR_KS:
+        for alpha in sorted(NEIGHBOUR_ALPHAS, reverse=True):
+            vectors = neighbour_average(own, space, k, alpha)
+            m = retrieval_metrics(query, query_labels, vectors, gallery_labels)
+            if m["recall_at_1"] >= floor - 1e-9 and value(m) > value(best[1]) + 1e-9:
+                best = {"k": k, "alpha": alpha, "graph": dict(graph)}, m
+    return best
 
 
 def write_recommendation(out: Path, recommendation: dict, query_name: str) -> Path:

@@ -31,8 +31,9 @@ def _order(settings: dict) -> list[str]:
         settings,
         key=lambda n: (
             next((i for i, p in enumerate(prefix) if n.startswith(p)), 9),
-            n.endswith(("mean", "ensemble")),
-            n.endswith("ensemble"),
+            n.endswith((":mean", ":fused", ":neighbours", ":ensemble")),
+            n.endswith((":fused", ":neighbours", ":ensemble")),
+            n.endswith(":ensemble"),
             n,
         ),
     )
@@ -100,8 +101,12 @@ Default mode (the better ensemble): **{report["default_mode"]}**.
 architecture, training budget and augmentation), searched against G's index. `MODE:G`: gallery
 model G through its head. `unified:query`: the query model on both sides through the query
 head (the ensemble's identity member alone). `MODE:mean`: the plain mean of the N heads (the
-paper's fusion). `MODE:ensemble`: the N heads and the query model's own embedding of the
-gallery image, fused with weights fitted on the validation split.
+paper's fusion). `MODE:fused`: the N heads and the query model's own embedding of the
+gallery image, fused with weights fitted on the validation split. `MODE:neighbours`: the query
+model's own embedding of each gallery image averaged with its nearest gallery neighbours as the
+gallery models see them (their cosine similarity at the fused weights; how many neighbours and
+how steeply they are weighted fitted on the validation split). `MODE:ensemble`: whichever of
+`fused` and `neighbours` wins on the validation split (per head seed).
 
 {_gap_sentence(report)}
 
@@ -308,10 +313,18 @@ def _recommendation(report: dict) -> str:
     v = rec["validation"]
     weights = ", ".join(f"{n} {w:g}" for n, w in rec["weights"].items())
     best, runner = rec["setting"], rec["runner_up"]
+    averaged = ""
+    if nb := rec.get("neighbours"):
+        graph = ", ".join(f"{n} {w:g}" for n, w in nb["graph"].items())
+        averaged = (
+            f", each gallery vector averaged with its {nb['k']} nearest gallery neighbours "
+            f"(similarity to the power {nb['alpha']:g}) as the gallery models see them "
+            f"({graph})"
+        )
     deploy = (
         f"Build the gallery in **{rec['mode']}** mode with members {', '.join(rec['members'])} "
-        f"(fusion weights {weights}); `cmce-build-gallery build --experiment DIR` and "
-        "`cmce-export --experiment DIR` use this choice by default."
+        f"(fusion weights {weights}{averaged}); `cmce-build-gallery build --experiment DIR` "
+        "and `cmce-export --experiment DIR` use this choice by default."
     )
     if not best.startswith(("unified:", "to-query:")):
         deploy = (

@@ -7,9 +7,12 @@ Settings (exact search, mean +- std over head-training seeds where heads are inv
 through its head (N = 1); ``unified:query`` the identity member alone (the query model on
 both sides, through the query head); ``MODE:mean`` the paper's plain mean of the N heads;
 ``MODE:ensemble`` the N heads and the query model's own embedding of the gallery image (the
-identity member), fused with weights fitted on the validation classes. MODE is ``unified`` or
-``to-query``. Everything that is chosen (weights, the recommended setting) is chosen on the
-validation split, never on the search classes.
+identity member), fused with weights fitted on the validation classes; ``MODE:neighbours`` the
+query model's own member averaged over each gallery image's nearest neighbours in the gallery
+models' view (their cosine similarities at the ensemble's weights; k and the similarity
+exponent fitted on the validation classes). MODE is ``unified`` or ``to-query``. Everything
+that is chosen (weights, neighbours, the recommended setting) is chosen on the validation
+split, never on the search classes.
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ from gallery_builder.evaluation.experiment import (
     get_model,
     load_splits,
 )
-from gallery_builder.evaluation.fusion_fit import fit_weights, write_recommendation
+from gallery_builder.evaluation.fusion_fit import (
+    fit_neighbours,
+    fit_weights,
+    graph_weights,
+    write_recommendation,
+)
 from gallery_builder.evaluation.metrics import (
     gallery_ceiling,
     recall_at_1,
@@ -49,6 +57,7 @@ from gallery_builder.evaluation.rejection import (
     selective_scores,
 )
 from gallery_builder.training.fit import embed, embed_views
+from gallery_builder.training.fusion import graph_space, neighbour_average
 from gallery_builder.training.heads import (
     MODES,
     QUERY_MEMBER,
@@ -215,7 +224,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
     recommendation = _recommend(val, settings, first)
     default_mode = recommendation["mode"]
     for mode, f in first.items():
-        f["heads"].set_weights(recommendation["weights"] if mode == default_mode else f["weights"])
+        chosen = recommendation if mode == default_mode else f
+        f["heads"].set_weights(chosen["weights"])
+        f["heads"].set_neighbours(chosen["neighbours"])
         save_heads(
             out / "heads" / mode,
             f["heads"],
@@ -249,7 +260,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
         own = heads.transform_gallery(QUERY_MEMBER, eq.gallery.float())
     ceiling = gallery_ceiling(qv, score.labels["query"], own, score.labels["gallery"])
     with stage("rejection"):
-        gv, unc = heads.encode_gallery(raw["gallery"])
+        gv, unc = heads.gallery_vectors(raw["gallery"])
         rejection = _rejection(gv, unc, qv, score.labels["gallery"], score.labels["query"])
     with stage("update study"):
         update = {
@@ -302,59 +313,85 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
 
 def _evaluate_heads(heads: HeadSet, raw: dict, score: _Scorer) -> dict:
     """One head set's settings on search and validation: each member alone, the plain mean of
-    the gallery models' heads, and the ensemble fused by weights fitted on validation."""
+    the gallery models' heads, the members fused by weights fitted on validation (``fused``),
+    the query model's own member averaged over the gallery models' neighbours
+    (``neighbours``), and the ensemble: whichever of those two wins on validation."""
     q = {v: heads.encode_query(raw["val_query" if v else "query"][QUERY_MEMBER]) for v in (0, 1)}
-    member = {
-        v: {
-            n: heads.transform_gallery(n, raw["val_gallery" if v else "gallery"][n].float())
-            for n in heads.members
-        }
-        for v in (0, 1)
-    }
-    with torch.no_grad():
-        weights, _ = fit_weights(member[1], q[1], *score.val_labels)
     out = {}
 
-    def add(name: str, names: list[str], w: dict[str, float] | None) -> None:
+    def add(name: str, choice: dict) -> None:
         out[name] = tuple(
-            score(
-                q[v],
-                heads.encode_gallery(raw["val_gallery" if v else "gallery"], names, w)[0],
-                val=bool(v),
-            )
+            score(q[v], _gallery(heads, raw["val_gallery" if v else "gallery"], choice), bool(v))
             for v in (0, 1)
         )
 
     # the identity member alone through the query head (to-query has none: that is sym:query)
     for g in heads.members if heads.query is not None else heads.names:
-        add(g, [g], None)
-    add("mean", heads.names, dict.fromkeys(heads.names, 1.0))
-    add("ensemble", heads.members, weights)
-    return {"settings": out, "weights": weights}
+        add(g, {"weights": {g: 1.0}, "neighbours": None})
+    add("mean", {"weights": dict.fromkeys(heads.names, 1.0), "neighbours": None})
+    fit = _fit_ensemble(heads, raw, q[1], score, heads.members)
+    for name, choice in fit.items():
+        if choice is not None:
+            add(name, choice)
+    return {"settings": out, **fit["ensemble"]}
+
+
+def _fit_ensemble(
+    heads: HeadSet, raw: dict, q_val: torch.Tensor, score: _Scorer, names: list[str]
+) -> dict[str, dict | None]:
+    """The ensemble of ``names`` fitted on the validation split: ``fused`` (fusion weights),
+    ``neighbours`` (the query model's own member averaged over its neighbours in the gallery
+    models' view at those weights, or alone where averaging does not help; None without that
+    member)
+    and ``ensemble``, the one of the two with the higher Recall@1 + MAP@R on validation. Each is
+    ``{"weights", "neighbours"}`` as :class:`HeadSet` takes them."""
+    val = raw["val_gallery"]
+    with torch.no_grad():
+        members = {m: heads.transform_gallery(m, val[m].float()) for m in names}
+        weights, _ = fit_weights(members, q_val, *score.val_labels)
+    fused = {"weights": weights, "neighbours": None}
+    if QUERY_MEMBER not in names:
+        return {"fused": fused, "neighbours": None, "ensemble": fused}
+    gallery = {n: val[n] for n in names if n != QUERY_MEMBER}
+    neighbours, averaged_val = fit_neighbours(
+        members[QUERY_MEMBER], gallery, graph_weights(weights), q_val, *score.val_labels
+    )
+    averaged = {"weights": {m: float(m == QUERY_MEMBER) for m in names}, "neighbours": neighbours}
+    if neighbours is None:  # the own member alone: it does not compete with the fusion
+        return {"fused": fused, "neighbours": averaged, "ensemble": fused}
+    fused_val = score(q_val, _gallery(heads, val, fused), val=True)
+
+    def value(m: dict) -> float:
+        return m["recall_at_1"] + m["map_at_r"]
+
+    best = averaged if value(averaged_val) > value(fused_val) + 1e-9 else fused
+    return {"fused": fused, "neighbours": averaged, "ensemble": best}
+
+
+def _gallery(heads: HeadSet, raw: dict, choice: dict) -> torch.Tensor:
+    """Gallery vectors of ``raw`` fused with ``choice["weights"]`` (its members), averaged
+    over ``choice["neighbours"]`` when set."""
+    weights = {n: w for n, w in choice["weights"].items() if w > 0}
+    vectors = heads.encode_gallery(raw, list(weights), weights)[0]
+    if not (nb := choice["neighbours"]):
+        return vectors
+    return neighbour_average(vectors, graph_space(raw, nb["graph"]), nb["k"], nb["alpha"])
 
 
 def _against_n(heads: HeadSet, raw: dict, score: _Scorer) -> dict:
     """Recall@1 and MAP@R on the search classes against the number of gallery models N: the
     mean over every subset of N models, for the plain mean of their heads and for the
-    ensemble (the subset plus the identity member, weights fitted on validation)."""
+    ensemble (the subset plus the identity member, fitted on validation)."""
     q = {v: heads.encode_query(raw["val_query" if v else "query"][QUERY_MEMBER]) for v in (0, 1)}
     rows = []
     for n in range(1, len(heads.names) + 1):
         mean, ens = [], []
         for subset in itertools.combinations(heads.names, n):
             names = list(subset)
-            mean.append(
-                score(
-                    q[0], heads.encode_gallery(raw["gallery"], names, dict.fromkeys(names, 1.0))[0]
-                )
-            )
-            members = {
-                m: heads.transform_gallery(m, raw["val_gallery"][m].float())
-                for m in [*names, QUERY_MEMBER]
-            }
-            with torch.no_grad():
-                w, _ = fit_weights(members, q[1], *score.val_labels)
-            ens.append(score(q[0], heads.encode_gallery(raw["gallery"], list(w), w)[0]))
+            plain = {"weights": dict.fromkeys(names, 1.0), "neighbours": None}
+            mean.append(score(q[0], _gallery(heads, raw["gallery"], plain)))
+            fit = _fit_ensemble(heads, raw, q[1], score, [*names, QUERY_MEMBER])
+            ens.append(score(q[0], _gallery(heads, raw["gallery"], fit["ensemble"])))
         rows.append(
             {
                 "n": n,
@@ -380,34 +417,41 @@ def _recommend(val: dict, settings: dict, first: dict) -> dict:
     def value(name: str) -> float:
         return val[name]["recall_at_1"] + val[name]["map_at_r"]
 
-    candidates = sorted(
-        (n for n in val if not n.startswith("sym:") or n == "sym:query"), key=value, reverse=True
-    )
+    def deployable(name: str) -> bool:  # fused and neighbours are the ensemble's candidates
+        return (not name.startswith("sym:") or name == "sym:query") and not name.endswith(
+            (":fused", ":neighbours")
+        )
+
+    candidates = sorted(filter(deployable, val), key=value, reverse=True)
     best, runner_up = candidates[0], candidates[1]
     head_settings = [n for n in candidates if n.split(":")[0] in first]
     mode_setting = head_settings[0]
     mode = mode_setting.split(":")[0]
     member = mode_setting.split(":", 1)[1]
     f = first[mode]
+    neighbours = None
     if member == "ensemble":
-        weights = f["weights"]
+        weights, neighbours = f["weights"], f["neighbours"]
     elif member == "mean":
         weights = {n: float(n != QUERY_MEMBER) for n in f["heads"].members}
     else:
         weights = {n: float(n == member) for n in f["heads"].members}
+    graph = neighbours["graph"] if neighbours else {}
     return {
         "setting": best,
         "mode": mode,
         "heads_setting": mode_setting,
-        "members": [n for n, w in weights.items() if w > 0],
+        # what a gallery vector needs: the fused members and those that find the neighbours
+        "members": [n for n, w in weights.items() if w > 0 or graph.get(n, 0) > 0],
         "weights": weights,
+        "neighbours": neighbours,
         "validation": {n: val[n] for n in (best, runner_up, "sym:query")},
         "margin_recall_at_1": val[best]["recall_at_1"] - val[runner_up]["recall_at_1"],
         "margin_map_at_r": val[best]["map_at_r"] - val[runner_up]["map_at_r"],
         "runner_up": runner_up,
         "search": {n: settings[n] for n in (best, runner_up)},
         "search_rank": sorted(
-            (n for n in settings if not n.startswith("sym:") or n == "sym:query"),
+            filter(deployable, settings),
             key=lambda n: settings[n]["recall_at_1"] + settings[n]["map_at_r"],
             reverse=True,
         ).index(best)

@@ -202,6 +202,7 @@ def build(
                 "sources": [source],
                 "next_position": len(src),
                 "removed": [],
+                "neighbours": ensemble.heads.neighbours,
             },
         )
         ranges = split_ranges(src.items, s.shard_size, 0)
@@ -304,9 +305,7 @@ def _reindex(stage, manifest, info, heads, heads_config, heads_dir, numbers, job
     record and manifest rewritten for them (``manifest.files`` are the checksums that carry
     over)."""
     s = _settings(info)
-    for sh in manifest.shards:
-        for name in sh.files:
-            (stage / name).unlink(missing_ok=True)
+    _unlink_shards(stage, manifest)
     indexed = index_parts(heads, stage, numbers, s, set(info["removed"]))
     write_json_atomic(
         stage / BUILD_FILE,
@@ -314,6 +313,7 @@ def _reindex(stage, manifest, info, heads, heads_config, heads_dir, numbers, job
             **info,
             "heads": str(Path(heads_dir).resolve()),
             "job": {**job, "heads": heads_config["fingerprint"]},
+            "neighbours": heads.neighbours,
         },
     )
     new = gallery_manifest(
@@ -328,6 +328,12 @@ def _reindex(stage, manifest, info, heads, heads_config, heads_dir, numbers, job
     )
     write_manifest(stage, new)
     return new
+
+
+def _unlink_shards(stage: Path, manifest: Manifest) -> None:
+    for sh in manifest.shards:
+        for name in sh.files:
+            (stage / name).unlink(missing_ok=True)
 
 
 def _source_items(sources: list[str]) -> dict[str, tuple[ItemSource, GalleryItem]]:
@@ -391,20 +397,26 @@ def add(gallery: Path, source: str, engine: str = "local", trust: Trust = ()) ->
         encode(engine, ensemble, src, stage, ranges, s.batch_size, False)
         new_numbers = [k for k, _ in ranges]
         threshold = manifest.extra.get("reject_threshold")
-        indexed = index_parts(
-            ensemble.heads,
-            stage,
-            new_numbers,
-            s,
-            set(info["removed"]),
-            threshold=threshold if threshold is not None else float("inf"),
-        )
-        all_unc = np.concatenate(
-            [indexed.uncertainties]
-            + [load_shard(stage, sh, manifest.dim, 10)[1].uncertainty for sh in manifest.shards]
-        )
-        indexed.shards = manifest.shards + indexed.shards
-        indexed.uncertainties = all_unc
+        if ensemble.heads.neighbours:  # new items are old items' neighbours: index them all
+            _unlink_shards(stage, manifest)
+            indexed = index_parts(
+                ensemble.heads, stage, numbers + new_numbers, s, set(info["removed"]), threshold
+            )
+        else:
+            indexed = index_parts(
+                ensemble.heads,
+                stage,
+                new_numbers,
+                s,
+                set(info["removed"]),
+                threshold=threshold if threshold is not None else float("inf"),
+            )
+            all_unc = np.concatenate(
+                [indexed.uncertainties]
+                + [load_shard(stage, sh, manifest.dim, 10)[1].uncertainty for sh in manifest.shards]
+            )
+            indexed.shards = manifest.shards + indexed.shards
+            indexed.uncertainties = all_unc
         indexed.threshold = threshold
         skipped = _write_skipped(stage, numbers + new_numbers)
         write_json_atomic(
@@ -454,7 +466,14 @@ def remove(gallery: Path, ids: list[str]) -> dict:
         missing = wanted - removed - already
         if missing == wanted:
             raise DataError(f"none of the ids are in {gallery}: {sorted(missing)[:5]}")
-        if removed:
+        if removed and info.get("neighbours"):  # they were others' neighbours: index anew
+            heads, heads_config = load_heads(info["heads"])
+            info = {**info, "removed": sorted(set(info["removed"]) | removed)}
+            numbers = list_parts(gallery)
+            manifest = _reindex(
+                stage, manifest, info, heads, heads_config, info["heads"], numbers, info["job"]
+            )
+        elif removed:
             manifest.shards = shards
             write_json_atomic(
                 stage / BUILD_FILE, {**info, "removed": sorted(set(info["removed"]) | removed)}

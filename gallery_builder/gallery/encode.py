@@ -36,7 +36,7 @@ __all__ = [
     "Ensemble",
     "decode_items",
     "assemble_part",
-    "fuse_part",
+    "fuse_parts",
     "split_ranges",
     "encode_parts",
     "encode",
@@ -62,10 +62,10 @@ class Ensemble:
             }
             self.models = {member[n]: v for n, v in self.models.items()}
             self.dirs = {member[n]: d for n, d in self.dirs.items()}
-        missing = set(self.heads.fused) - set(self.models)
+        missing = set(self.heads.inputs) - set(self.models)
         if missing:
             raise CheckpointError(
-                f"the heads in {heads_dir} need gallery models {sorted(self.heads.fused)}; "
+                f"the heads in {heads_dir} need gallery models {sorted(self.heads.inputs)}; "
                 f"missing {sorted(missing)} (models are named by their folder; "
                 f"{QUERY_MEMBER!r} is the query model the heads belong to)"
             )
@@ -137,18 +137,48 @@ def assemble_part(items: list[GalleryItem], raw: dict[str, np.ndarray], reasons:
     )
 
 
-def fuse_part(heads: HeadSet, part: Part) -> tuple[np.ndarray, np.ndarray]:
-    """Gallery vectors (float32, normalised) and uncertainties of a raw part."""
-    if len(part) == 0:
-        return np.zeros((0, heads.dim), np.float32), np.zeros(0, np.float32)
-    if missing := sorted(set(heads.fused) - set(part.raw)):
+def fuse_parts(
+    heads: HeadSet, parts: dict[int, Part], live: dict[int, np.ndarray]
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Gallery vectors (float32, normalised) and uncertainties of raw parts, per part number.
+    Heads that average over neighbours see the ``live`` items of all parts at once (the
+    others get zero vectors); otherwise each part is fused on its own."""
+    if missing := sorted({n for p in parts.values() for n in heads.inputs if n not in p.raw}):
         raise CheckpointError(
             f"the heads fuse {missing}, whose raw embeddings the gallery did not store (their "
             "weight was 0 when it was built and their models were not given); build it again"
         )
-    raw = {n: torch.from_numpy(part.raw[n].astype(np.float32)) for n in heads.fused}
-    vectors, uncertainty = heads.encode_gallery(raw)
-    return vectors.numpy().astype(np.float32), uncertainty.numpy().astype(np.float32)
+
+    def raw_of(rows: dict[int, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {
+            n: torch.from_numpy(
+                np.concatenate([parts[k].raw[n][r] for k, r in rows.items()]).astype(np.float32)
+            )
+            for n in heads.inputs
+        }
+
+    if not heads.neighbours:
+        out = {}
+        for k, part in parts.items():
+            if len(part) == 0:
+                out[k] = np.zeros((0, heads.dim), np.float32), np.zeros(0, np.float32)
+                continue
+            vectors, unc = heads.encode_gallery(raw_of({k: slice(None)}))
+            out[k] = vectors.numpy().astype(np.float32), unc.numpy().astype(np.float32)
+        return out
+    rows = {k: np.flatnonzero(live[k]) for k in parts}
+    out = {
+        k: (np.zeros((len(p), heads.dim), np.float32), np.zeros(len(p), np.float32))
+        for k, p in parts.items()
+    }
+    if sum(len(r) for r in rows.values()):
+        vectors, unc = heads.gallery_vectors(raw_of(rows))
+        start = 0
+        for k, r in rows.items():
+            out[k][0][r] = vectors[start : start + len(r)].numpy()
+            out[k][1][r] = unc[start : start + len(r)].numpy()
+            start += len(r)
+    return out
 
 
 # ----------------------------------------------------------------------------- phase 1: encode

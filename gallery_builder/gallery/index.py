@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from gallery_builder.gallery.encode import fuse_part
+from gallery_builder.gallery.encode import fuse_parts
 from gallery_builder.gallery.raw_store import part_path, read_part
 from gallery_builder.training.heads import HeadSet
 from query_sdk.gallery_format import METRIC, Manifest, ShardFiles, load_shard, write_shard
@@ -71,16 +71,17 @@ def index_parts(
     threshold: float | None = None,
 ) -> Indexed:
     """Phase 2: parts -> shards (one per part). ``threshold=None`` derives it from
-    ``s.reject_quantile`` over these parts; items listed in ``removed`` are left out.
+    ``s.reject_quantile`` over these parts; items listed in ``removed`` are left out (and, with
+    heads that average over neighbours, are nobody's neighbour).
 
     Each shard's graph is built on one thread (so it is reproducible); shards are built side
     by side, one per core (hnswlib releases the GIL while it inserts)."""
-    fused = {}
-    for k in numbers:
-        part = read_part(part_path(gallery, k))
-        vectors, unc = fuse_part(heads, part)
-        live = np.array([i not in removed for i in part.ids], bool)
-        fused[k] = (part, vectors, unc, live)
+    parts = {k: read_part(part_path(gallery, k)) for k in numbers}
+    live = {k: np.array([i not in removed for i in p.ids], bool) for k, p in parts.items()}
+    fused = {
+        k: (parts[k], vectors, unc, live[k])
+        for k, (vectors, unc) in fuse_parts(heads, parts, live).items()
+    }
     all_unc = (
         np.concatenate([u[live] for _, _, u, live in fused.values()]) if fused else np.zeros(0)
     )

@@ -1,11 +1,12 @@
-"""Ensemble fusion: the gallery vector and its uncertainty from N transformed embeddings."""
+"""Ensemble fusion: the gallery vector and its uncertainty from N transformed embeddings, and
+the averaging of gallery vectors over the neighbourhoods the gallery models see."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fuse"]
+__all__ = ["fuse", "graph_space", "neighbour_average"]
 
 
 def fuse(
@@ -37,3 +38,40 @@ def fuse(
         return vector, torch.zeros(t.shape[1])
     pair_sum = (total.pow(2).sum(dim=-1) - squares) / 2
     return vector, (1 - pair_sum / pairs).clamp(0, 2)
+
+
+def graph_space(raw: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """(B, sum of dims) vectors whose inner product is the ``weights``-weighted mean of the
+    models' cosine similarities: the gallery models' own view of which images are alike."""
+    total = sum(w for w in weights.values() if w > 0)
+    parts = [
+        (w / total) ** 0.5 * F.normalize(raw[n].float(), dim=-1)
+        for n, w in weights.items()
+        if w > 0
+    ]
+    return torch.cat(parts, dim=1)
+
+
+def neighbour_average(
+    vectors: torch.Tensor, graph: torch.Tensor, k: int, alpha: float
+) -> torch.Tensor:
+    """Each of the B ``vectors`` replaced by the L2-normalised sum of itself and its ``k``
+    nearest other items in ``graph`` (B, G) (inner product), each neighbour weighted by its
+    similarity to the power ``alpha`` (negative similarities count 0) and the item itself by 1:
+    database-side augmentation (αDBA, Radenović et al., 2018), with the neighbours found in
+    another space than the one averaged. Exact search, O(B^2 G), in blocks of bounded memory."""
+    n = len(vectors)
+    k = min(int(k), n - 1)
+    if k < 1:
+        return F.normalize(vectors.float(), dim=-1)
+    v, g = vectors.float(), graph.float()
+    out = torch.empty_like(v)
+    block = max(16, 2**25 // n)  # at most 32M similarities (128 MB) at a time
+    for s in range(0, n, block):
+        sims = g[s : s + block] @ g.T
+        rows = torch.arange(len(sims))
+        sims[rows, rows + s] = -float("inf")  # the item itself is added with weight 1
+        top, idx = sims.topk(k, dim=1)
+        w = top.clamp(min=0) ** alpha
+        out[s : s + block] = v[s : s + block] + (w[..., None] * v[idx]).sum(1)
+    return F.normalize(out, dim=-1)

@@ -31,7 +31,7 @@ from gallery_builder.models.checkpoint import (
     save_checkpoint,
 )
 from gallery_builder.training.fit import check_settings, fit
-from gallery_builder.training.fusion import fuse
+from gallery_builder.training.fusion import fuse, graph_space, neighbour_average
 
 __all__ = [
     "MODES",
@@ -113,10 +113,12 @@ class HeadSet(nn.Module):
         layers: int = 2,
         identity: bool = False,
         weights: dict[str, float] | None = None,
+        neighbours: dict | None = None,
     ) -> None:
         """``identity`` adds the query model's own embedding of each gallery image as one more
         member (:data:`QUERY_MEMBER`); ``weights`` are the members' fusion weights (equal when
-        None; a member may have weight 0)."""
+        None; a member may have weight 0); ``neighbours`` (see :meth:`set_neighbours`) averages
+        each gallery vector over its neighbours in the gallery models' view."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -145,6 +147,8 @@ class HeadSet(nn.Module):
         self.identity = identity
         self.weights: dict[str, float] = {}
         self.set_weights(weights)
+        self.neighbours: dict | None = None
+        self.set_neighbours(neighbours)
 
     @property
     def names(self) -> list[str]:
@@ -162,6 +166,34 @@ class HeadSet(nn.Module):
         """The members with a positive fusion weight: what a gallery vector is built from (a
         member of weight 0 adds nothing, so its model need not run)."""
         return [n for n in self.members if self.weights[n] > 0]
+
+    @property
+    def inputs(self) -> list[str]:
+        """The members whose raw embeddings a gallery vector needs: the fused ones and those
+        whose view finds the neighbours."""
+        graph = self.neighbours["graph"] if self.neighbours else {}
+        return [n for n in self.members if n in self.fused or graph.get(n, 0) > 0]
+
+    def set_neighbours(self, neighbours: dict | None) -> None:
+        """Average each fused gallery vector with its ``k`` nearest gallery neighbours, found
+        in the gallery models' raw embeddings (cosine, mean over ``graph``'s models at their
+        weights) and weighted by their similarity to the power ``alpha``
+        (:func:`~gallery_builder.training.fusion.neighbour_average`); None: no averaging."""
+        if neighbours is None:
+            self.neighbours = None
+            return
+        try:
+            k, alpha, graph = int(neighbours["k"]), float(neighbours["alpha"]), neighbours["graph"]
+            graph = {str(n): float(w) for n, w in graph.items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"neighbours need k, alpha and graph weights, got {neighbours}") from e
+        if k < 1 or not alpha >= 0:
+            raise ValueError(f"neighbours: k must be >= 1 and alpha >= 0, got {k} and {alpha}")
+        if not set(graph) <= set(self.names) or any(not w >= 0 for w in graph.values()):
+            raise ValueError(f"neighbours: graph weights over {self.names}, got {graph}")
+        if not sum(graph.values()) > 0:
+            raise ValueError(f"neighbours: graph weights need a positive sum, got {graph}")
+        self.neighbours = {"k": k, "alpha": alpha, "graph": graph}
 
     def member_dim(self, name: str) -> int:
         return self.query_dim if name == QUERY_MEMBER else self.gallery_dims[name]
@@ -202,6 +234,25 @@ class HeadSet(nn.Module):
         if not float(w.sum()) > 0:
             w = torch.ones(len(names))
         return fuse(torch.stack([self.transform_gallery(n, raw[n].float()) for n in names]), w)
+
+    @torch.no_grad()
+    def gallery_vectors(
+        self, raw: dict[str, torch.Tensor], neighbours: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vectors and uncertainties of a whole gallery: :meth:`encode_gallery`, then, with
+        ``neighbours`` (default the set's own), each vector averaged over its neighbours among
+        these items. The uncertainty is the spread of the members that shape a vector: the
+        fused ones and the graph's, each at its weight."""
+        neighbours = neighbours if neighbours is not None else self.neighbours
+        if not neighbours:
+            return self.encode_gallery(raw)
+        graph = neighbours["graph"]
+        shaping = {n: max(self.weights[n], graph.get(n, 0.0)) for n in self.members}
+        names = [n for n in self.members if shaping[n] > 0]
+        _, uncertainty = self.encode_gallery(raw, names, shaping)
+        vectors, _ = self.encode_gallery(raw)
+        space = graph_space(raw, graph)
+        return neighbour_average(vectors, space, neighbours["k"], neighbours["alpha"]), uncertainty
 
     @torch.no_grad()
     def encode_query(self, query_embedding: torch.Tensor) -> torch.Tensor:
@@ -394,6 +445,7 @@ def save_heads(
             "layers": heads.layers,
             "identity": heads.identity,
             "weights": heads.weights,
+            "neighbours": heads.neighbours,
         },
         "space_id": heads.space_id(query_fingerprint),
         "query_fingerprint": query_fingerprint,
