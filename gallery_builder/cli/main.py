@@ -367,10 +367,10 @@ def eval_cmd(
     gallery = {Path(d).name: load_model(d, trust) for d in gallery_dirs}
     heads, hcfg = load_heads(heads_dir)
     check_compatible(hcfg, qcfg, {n: c for n, (_, c) in gallery.items()})
-    missing = set(heads.fused) - set(gallery) - ({QUERY_MEMBER} if heads.identity else set())
+    missing = set(heads.inputs) - set(gallery) - ({QUERY_MEMBER} if heads.identity else set())
     if missing:
         raise CheckpointError(
-            f"the heads in {heads_dir} fuse {sorted(heads.fused)}: give --gallery-model for "
+            f"the heads in {heads_dir} need {sorted(heads.inputs)}: give --gallery-model for "
             f"{sorted(missing)}"
         )
     spec = query.input_spec
@@ -394,8 +394,9 @@ def eval_cmd(
         results[f"{heads.mode}:{n}"] = retrieval_metrics(
             qv, qset.labels, heads.encode_gallery(raw, [n])[0], gset.labels
         )
+    # the heads' own fusion, averaged over the gallery's neighbours when they say so
     results[f"{heads.mode}:ensemble"] = retrieval_metrics(
-        qv, qset.labels, heads.encode_gallery(raw)[0], gset.labels
+        qv, qset.labels, heads.gallery_vectors(raw)[0], gset.labels
     )
     if as_json:
         click.echo(json.dumps({"space_id": hcfg["space_id"], "settings": results}, indent=2))

@@ -475,16 +475,17 @@ def _update_study(cfg, head_train, raw, eq, eoq, q_train, oq_train, labels, scor
     gallery_raw = {g: raw["gallery"][g] for g in head_train}
     gl, ql = score.labels["gallery"], score.labels["query"]
     out = {}
-    # unified, as deployed with the old query model: its own member fused, weights fitted on
-    # the validation classes; the gallery is encoded once and never touched again
+    # unified, as deployed with the old query model: its own member fused, the ensemble fitted
+    # on the validation classes; the gallery is encoded once and never touched again
     old = train_heads(
         "unified", head_train, oq_train, labels, s, dim=cfg.unified_dim, identity=True
     )
-    with torch.no_grad():
-        val_raw = {**raw["val_gallery"], QUERY_MEMBER: eoq.val_gallery}
-        members = {m: old.transform_gallery(m, val_raw[m].float()) for m in old.members}
-    old.set_weights(fit_weights(members, old.encode_query(eoq.val_query), *score.val_labels)[0])
-    gv, _ = old.encode_gallery({**gallery_raw, QUERY_MEMBER: eoq.gallery})
+    val_raw = {"val_gallery": {**raw["val_gallery"], QUERY_MEMBER: eoq.val_gallery}}
+    chosen = _fit_ensemble(old, val_raw, old.encode_query(eoq.val_query), score, old.members)
+    old.set_weights(chosen["ensemble"]["weights"])
+    gv = _gallery(old, {**gallery_raw, QUERY_MEMBER: eoq.gallery}, chosen["ensemble"])
+    # the new head lands on the training images' fused vectors (they are no gallery: not
+    # averaged over neighbours)
     new = train_query_head(old, {**head_train, QUERY_MEMBER: oq_train}, q_train, labels, s)
     out["unified"] = {
         "old_query_recall_at_1": recall_at_1(old.encode_query(eoq.query), ql, gv, gl),
