@@ -176,3 +176,18 @@ def test_gap_sentence_when_the_ensemble_passes_the_gallery_models_or_trails_dist
     s[ens]["map_at_r"] = s[best_kd]["map_at_r"] - 0.0456  # below distillation: no share
     md = markdown(report)
     assert f"`{ens}` {100 * s[ens]['map_at_r']:.2f} — below `{best_kd}` (-4.56)" in md
+
+
+def test_the_recommended_heads_carry_the_chosen_ensemble(run):
+    """What the report recommends is what the builder gets: the heads folder of the default
+    mode holds the recommended weights and neighbour averaging; the other mode its own fit."""
+    _, report, out = run
+    rec = report["recommendation"]
+    heads, _ = load_heads(out / "heads" / report["default_mode"])
+    assert heads.weights == rec["weights"]
+    assert heads.neighbours == rec["neighbours"]
+    graph = (rec["neighbours"] or {}).get("graph", {})
+    assert set(rec["members"]) == {n for n, w in rec["weights"].items() if w > 0} | {
+        n for n, w in graph.items() if w > 0
+    }
+    assert set(heads.inputs) == set(rec["members"])

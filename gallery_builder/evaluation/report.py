@@ -145,7 +145,10 @@ Best query-time rule: **{qt["best_rule"]}**: error {100 * err_full:.2f}% at full
 A new query model (more data, longer training) against a gallery encoded once for the old one;
 no gallery model is run again (`unified`: the gallery fuses the old query model's own member
 with weights fitted on the validation classes, and a new query head learns to land on those
-stored vectors; `to-query`: new gallery heads re-project the stored raw gallery embeddings).
+stored vectors; `to-query`: new gallery heads re-project the stored raw gallery embeddings,
+without the old query model's own member, which lives in the old space). The old query model
+is deployed as the default deploys it: its own member fused and the ensemble fitted on the
+validation classes.
 Refreshing instead re-encodes only the query model's own member with the new query model and
 fuses it with the stored gallery-model embeddings through heads trained for it
 (`cmce-build-gallery refresh`): what a rebuild reaches, without running a gallery model.

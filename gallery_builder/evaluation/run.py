@@ -333,7 +333,7 @@ def _evaluate_heads(heads: HeadSet, raw: dict, score: _Scorer) -> dict:
     for name, choice in fit.items():
         if choice is not None:
             add(name, choice)
-    return {"settings": out, **fit["ensemble"]}
+    return {"settings": out, **fit["ensemble"], "fused": fit["fused"]}
 
 
 def _fit_ensemble(
@@ -492,15 +492,17 @@ def _update_study(cfg, head_train, raw, eq, eoq, q_train, oq_train, labels, scor
         "new_query_recall_at_1": recall_at_1(new.encode_query(eq.query), ql, gv, gl),
         "gallery_reencoded": False,
     }
-    # to-query: new gallery heads into the new query space, re-projecting stored raw embeddings
-    old = train_heads("to-query", head_train, oq_train, labels, s)
-    reprojected, _ = first["to-query"]["heads"].encode_gallery(
-        gallery_raw, first["to-query"]["heads"].names
-    )
+    # to-query, as deployed with the old query model (its own member, the ensemble fitted on
+    # validation); the update: the new query model's gallery heads re-project the stored raw
+    # embeddings, without the old query model's member (it is in the old space)
+    old = train_heads("to-query", head_train, oq_train, labels, s, identity=True)
+    chosen = _fit_ensemble(old, val_raw, old.encode_query(eoq.val_query), score, old.members)
+    gv = _gallery(old, {**gallery_raw, QUERY_MEMBER: eoq.gallery}, chosen["ensemble"])
+    new = first["to-query"]["heads"]
+    weights = graph_weights(first["to-query"]["fused"]["weights"])
+    reprojected = _gallery(new, gallery_raw, {"weights": weights, "neighbours": None})
     out["to-query"] = {
-        "old_query_recall_at_1": recall_at_1(
-            old.encode_query(eoq.query), ql, old.encode_gallery(gallery_raw)[0], gl
-        ),
+        "old_query_recall_at_1": recall_at_1(old.encode_query(eoq.query), ql, gv, gl),
         "new_query_recall_at_1": recall_at_1(eq.query, ql, reprojected, gl),
         "gallery_reencoded": False,
     }
