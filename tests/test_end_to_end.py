@@ -191,3 +191,16 @@ def test_the_recommended_heads_carry_the_chosen_ensemble(run):
         n for n, w in graph.items() if w > 0
     }
     assert set(heads.inputs) == set(rec["members"])
+
+
+def test_a_ceiling_below_distillation_is_said_in_words(run):
+    """Few images per class: a query model trained alone can sit below what distillation
+    reaches even with a perfect gallery; the report says so instead of a negative share."""
+    report = copy.deepcopy(run[1])
+    best_kd = max(
+        (n for n in report["settings"] if n.startswith("kd:")),
+        key=lambda n: report["settings"][n]["recall_at_1"],
+    )
+    report["gallery_ceiling"]["recall_at_1"] = report["settings"][best_kd]["recall_at_1"] - 0.2
+    md = markdown(report)
+    assert f"below `{best_kd}`: this query model cannot reach distillation" in md

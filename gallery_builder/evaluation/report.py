@@ -238,7 +238,13 @@ def _gap_sentence(report: dict) -> str:
             text += f"above `{best_sym}` itself (+{100 * (s[ens][key] - s[best_sym][key]):.2f})"
         if ceiling:
             share = (ceiling[key] - s[best_kd][key]) / gap
-            reach = f"{100 * share:.0f}%" if share <= 1 else f"above `{best_sym}`"
+            reach = (
+                f"below `{best_kd}`: this query model cannot reach distillation"
+                if share < 0
+                else f"{100 * share:.0f}%"
+                if share <= 1
+                else f"above `{best_sym}`"
+            )
             text += f" (ceiling {_pct(ceiling[key])}: {reach})"
         parts.append(text)
     out = "Gap between distillation and the gallery models themselves: " + "; ".join(parts) + "."
