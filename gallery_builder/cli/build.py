@@ -163,7 +163,8 @@ def build(
 @trust_option
 @cli_errors
 def add(gallery, source, engine, sign_key, as_json, trust) -> None:
-    """Add images as new shards, with the models and heads the gallery was built with."""
+    """Add images as new shards, with the models and heads the gallery was built with (a
+    gallery whose vectors are averaged over neighbours is re-averaged and re-indexed whole)."""
     from gallery_builder.gallery.build import add as run
 
     summary = run(gallery, source, engine, trust)
@@ -181,7 +182,8 @@ def add(gallery, source, engine, sign_key, as_json, trust) -> None:
 @sign_option
 @cli_errors
 def remove(gallery, ids, ids_file, yes, sign_key) -> None:
-    """Remove items (hnswlib mark_deleted); manifest and checksums are updated."""
+    """Remove items (hnswlib mark_deleted); manifest and checksums are updated. A gallery whose
+    vectors are averaged over neighbours is re-averaged and re-indexed whole instead."""
     from gallery_builder.gallery.build import remove as run
 
     wanted = list(ids) + (ids_file.read_text().split() if ids_file else [])

@@ -5,7 +5,8 @@ A gallery is made in two phases, both resumable and shared by every command:
 expensive part) and :mod:`~gallery_builder.gallery.index` (raw parts -> heads -> hnswlib shards,
 ``ef_search`` tuned, the manifest written last). ``reproject`` is phase 2 alone with new heads;
 ``refresh`` re-encodes only the query model's own member (a new query model) before phase 2;
-``add`` encodes new parts and indexes them into new shards; ``remove`` marks items deleted.
+``add`` encodes new parts and indexes them into new shards; ``remove`` marks items deleted
+(with heads that average over neighbours both re-index every part: vectors depend on others).
 
 Every command is one :func:`query_sdk.fileio.folder_transaction` on the gallery folder: it takes
 the gallery's lock (a second writer is refused at once with a ``BusyError`` naming the holder),
