@@ -374,7 +374,8 @@ def _embed_items(model, dim, lookup, ids, batch_size, gallery, bar) -> np.ndarra
 
 
 def add(gallery: Path, source: str, engine: str = "local", trust: Trust = ()) -> Summary:
-    """Encode and index new images into new shards; existing shards are not touched.
+    """Encode and index new images into new shards; existing shards are not touched, unless
+    the heads average over neighbours (then every part is re-indexed).
     ``trust`` names the model code that may run (see ``load_model``)."""
     start = time.perf_counter()
     gallery = Path(gallery)
@@ -443,7 +444,8 @@ def add(gallery: Path, source: str, engine: str = "local", trust: Trust = ()) ->
 
 
 def remove(gallery: Path, ids: list[str]) -> dict:
-    """Mark items deleted in their shards (hnswlib ``mark_deleted``).
+    """Mark items deleted in their shards (hnswlib ``mark_deleted``); with heads that average
+    over neighbours, re-index every part without them instead.
 
     Returns ``removed`` (how many were live and are now deleted), ``already_removed`` and
     ``not_found`` (the ids given that were deleted before, or are in no shard) and ``items``
