@@ -236,15 +236,12 @@ class HeadSet(nn.Module):
         return fuse(torch.stack([self.transform_gallery(n, raw[n].float()) for n in names]), w)
 
     @torch.no_grad()
-    def gallery_vectors(
-        self, raw: dict[str, torch.Tensor], neighbours: dict | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def gallery_vectors(self, raw: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The vectors and uncertainties of a whole gallery: :meth:`encode_gallery`, then, with
-        ``neighbours`` (default the set's own), each vector averaged over its neighbours among
-        these items. The uncertainty is the spread of the members that shape a vector: the
-        fused ones and the graph's, each at its weight."""
-        neighbours = neighbours if neighbours is not None else self.neighbours
-        if not neighbours:
+        :attr:`neighbours` set, each vector averaged over its neighbours among these items. The
+        uncertainty is the spread of the members that shape a vector: the fused ones and the
+        graph's, each at its weight."""
+        if not (neighbours := self.neighbours):
             return self.encode_gallery(raw)
         graph = neighbours["graph"]
         shaping = {n: max(self.weights[n], graph.get(n, 0.0)) for n in self.members}
