@@ -342,9 +342,8 @@ def _fit_ensemble(
     """The ensemble of ``names`` fitted on the validation split: ``fused`` (fusion weights),
     ``neighbours`` (the query model's own member averaged over its neighbours in the gallery
     models' view at those weights, or alone where averaging does not help; None without that
-    member)
-    and ``ensemble``, the one of the two with the higher Recall@1 + MAP@R on validation. Each is
-    ``{"weights", "neighbours"}`` as :class:`HeadSet` takes them."""
+    member) and ``ensemble``, the one of the two with the higher Recall@1 + MAP@R on
+    validation. Each is ``{"weights", "neighbours"}`` as :class:`HeadSet` takes them."""
     val = raw["val_gallery"]
     with torch.no_grad():
         members = {m: heads.transform_gallery(m, val[m].float()) for m in names}
