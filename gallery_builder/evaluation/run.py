@@ -57,7 +57,7 @@ from gallery_builder.evaluation.rejection import (
     selective_scores,
 )
 from gallery_builder.training.fit import embed, embed_views
-from gallery_builder.training.fusion import graph_space, neighbour_average
+from gallery_builder.training.fusion import average_in_view
 from gallery_builder.training.heads import (
     MODES,
     QUERY_MEMBER,
@@ -374,7 +374,7 @@ def _gallery(heads: HeadSet, raw: dict, choice: dict) -> torch.Tensor:
     vectors = heads.encode_gallery(raw, list(weights), weights)[0]
     if not (nb := choice["neighbours"]):
         return vectors
-    return neighbour_average(vectors, graph_space(raw, nb["graph"]), nb["k"], nb["alpha"])
+    return average_in_view(vectors, raw, nb)
 
 
 def _against_n(heads: HeadSet, raw: dict, score: _Scorer) -> dict:

@@ -266,10 +266,10 @@ def refresh(gallery: Path, query_dir: Path, heads_dir: Path, trust: Trust = ()) 
         numbers = list_parts(gallery)
         lookup = _source_items(info["sources"])
         s = _settings(info)
-        total = sum(len(read_part(part_path(gallery, k))) for k in numbers)
+        parts = {k: read_part(part_path(gallery, k)) for k in numbers}
+        total = sum(len(p) for p in parts.values())
         with tqdm(total=total, desc="refresh", unit="img") as bar:
-            for k in numbers:
-                part = read_part(part_path(gallery, k))
+            for k, part in parts.items():
                 part.raw[QUERY_MEMBER] = _embed_items(
                     model, config["embedding_dim"], lookup, part.ids, s.batch_size, gallery, bar
                 ).astype(np.float16)

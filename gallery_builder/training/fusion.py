@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fuse", "graph_space", "neighbour_average"]
+__all__ = ["fuse", "graph_space", "neighbour_average", "average_in_view"]
 
 
 def fuse(
@@ -75,3 +75,12 @@ def neighbour_average(
         w = top.clamp(min=0) ** alpha
         out[s : s + block] = v[s : s + block] + (w[..., None] * v[idx]).sum(1)
     return F.normalize(out, dim=-1)
+
+
+def average_in_view(
+    vectors: torch.Tensor, raw: dict[str, torch.Tensor], neighbours: dict
+) -> torch.Tensor:
+    """``vectors`` averaged over their neighbours in the view of ``raw``'s models, as a
+    ``{"k", "alpha", "graph"}`` setting (``HeadSet.neighbours``) says."""
+    space = graph_space(raw, neighbours["graph"])
+    return neighbour_average(vectors, space, neighbours["k"], neighbours["alpha"])

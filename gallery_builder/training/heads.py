@@ -31,7 +31,7 @@ from gallery_builder.models.checkpoint import (
     save_checkpoint,
 )
 from gallery_builder.training.fit import check_settings, fit
-from gallery_builder.training.fusion import fuse, graph_space, neighbour_average
+from gallery_builder.training.fusion import average_in_view, fuse
 
 __all__ = [
     "MODES",
@@ -248,8 +248,7 @@ class HeadSet(nn.Module):
         names = [n for n in self.members if shaping[n] > 0]
         _, uncertainty = self.encode_gallery(raw, names, shaping)
         vectors, _ = self.encode_gallery(raw)
-        space = graph_space(raw, graph)
-        return neighbour_average(vectors, space, neighbours["k"], neighbours["alpha"]), uncertainty
+        return average_in_view(vectors, raw, neighbours), uncertainty
 
     @torch.no_grad()
     def encode_query(self, query_embedding: torch.Tensor) -> torch.Tensor:
