@@ -482,16 +482,27 @@ def test_fit_seed_repeats_a_training_run_exactly():
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
-def test_metric_training_takes_at_least_steps_per_class_steps_per_class():
-    """Eight classes at 3 steps each: 24 steps where ``steps`` alone asks for 4; the model's
-    batch norm counts the training batches it saw."""
+@pytest.mark.parametrize(
+    ("steps_per_class", "min_epochs", "steps"),
+    [(3, 0, 24), (0, 3, 12), (1, 3, 12), (3, 3, 24)],
+)
+def test_metric_training_takes_at_least_its_per_class_and_per_image_floors(
+    steps_per_class, min_epochs, steps
+):
+    """Eight classes at 3 steps each: 24 steps where ``steps`` alone asks for 4; 3 passes over
+    64 images in batches of 16: 12. The model's batch norm counts the batches it saw."""
     images = uint8_images(64, SMALL_SPEC, seed=5)
     labels = torch.arange(64) % 8
     model = create_model("widecnn", SMALL_SPEC, 8, width=4)
-    s = TrainSettings(steps=4, steps_per_class=3, batch_size=16).for_architecture("widecnn")
+    s = TrainSettings(
+        steps=4, steps_per_class=steps_per_class, min_epochs=min_epochs, batch_size=16
+    ).for_architecture("widecnn")
     train_metric(model, images, labels, s, progress=False)
     counts = {int(v) for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
-    assert counts == {24}
+    assert counts == {steps}
+
+
+def test_negative_step_floors_are_refused():
     with pytest.raises(ValueError, match="steps_per_class must be at least 0, got -1"):
         TrainSettings(steps_per_class=-1)
 

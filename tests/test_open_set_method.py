@@ -71,12 +71,17 @@ def test_step_budget_gives_small_data_more_passes():
         TrainSettings(steps=0)
 
 
-def test_step_budget_rises_to_steps_per_class_on_many_classes():
-    s = TrainSettings(steps=1000, steps_per_class=5)
-    assert s.for_classes(40).steps == 1000  # few classes: the fixed budget
-    assert s.for_classes(400).steps == 2000
-    assert s.for_classes(401).steps == 2005 and s.for_classes(401).steps_per_class == 5
-    assert TrainSettings(steps=1000, steps_per_class=0).for_classes(10**4).steps == 1000
+def test_step_budget_rises_to_steps_per_class_and_min_epochs():
+    s = TrainSettings(steps=1000, steps_per_class=5, min_epochs=20, batch_size=256)
+    assert s.for_data(40, 10_000).steps == 1000  # few classes and images: the fixed budget
+    assert s.for_data(400, 10_000).steps == 2000
+    assert s.for_data(401, 10_000).steps == 2005 and s.for_data(401, 0).steps_per_class == 5
+    assert s.for_data(40, 24_814).steps == 1939 == math.ceil(20 * 24_814 / 256)  # 20 passes
+    assert s.for_data(401, 24_814).steps == 2005 and s.for_data(401, 30_000).steps == 2344
+    off = TrainSettings(steps=1000, steps_per_class=0, min_epochs=0)
+    assert off.for_data(10**4, 10**7).steps == 1000
+    with pytest.raises(ValueError, match="min_epochs must be at least 0, got -1"):
+        TrainSettings(min_epochs=-1)
 
 
 def test_open_set_heads_train_for_steps_so_small_data_get_more_passes():
@@ -90,8 +95,10 @@ def test_old_query_model_has_half_the_images_and_steps_but_the_full_per_class_fl
     cfg = ExperimentConfig()
     old, new = cfg.old_query_model.train, cfg.query_model.train
     assert cfg.old_query_model.subset == 0.5 and old.steps == new.steps // 2
-    assert old.for_classes(40).steps == 500 < new.for_classes(40).steps  # few classes: half
-    assert old.for_classes(240).steps == new.for_classes(240).steps == 1200  # the floor
+    assert old.for_data(40, 5_000).steps == 500 < new.for_data(40, 10_000).steps  # half
+    assert old.for_data(240, 5_000).steps == new.for_data(240, 10_000).steps == 1200  # the floor
+    # many images: the per-image floor halves with the images
+    assert 2 * old.for_data(40, 12_407).steps - new.for_data(40, 24_814).steps in (0, 1)
 
 
 def test_weighted_fusion_ignores_a_zero_weight_member():

@@ -448,7 +448,8 @@ def _train_options(fn):
                 default=2000,
                 show_default=True,
                 help="Optimiser steps when --epochs is not given, at least 5 per class (many "
-                "classes need them); small data get more passes.",
+                "classes need them) and 20 passes over the images (many images need them); "
+                "small data get more passes.",
             ),
             click.option(
                 "--batch-size", type=click.IntRange(min=2), default=256, show_default=True

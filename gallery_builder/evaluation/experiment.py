@@ -136,9 +136,12 @@ def _default_gallery() -> list[ModelSpec]:
 
 
 def _half_budget(seed: int) -> TrainSettings:
-    """Half the default step budget, per class too (the diversity study)."""
+    """Half the default step budget, per class and per image too (the diversity study)."""
     return TrainSettings(
-        steps=TrainSettings.steps // 2, steps_per_class=TrainSettings.steps_per_class / 2, seed=seed
+        steps=TrainSettings.steps // 2,
+        steps_per_class=TrainSettings.steps_per_class / 2,
+        min_epochs=TrainSettings.min_epochs / 2,
+        seed=seed,
     )
 
 
@@ -174,8 +177,9 @@ def _default_query() -> ModelSpec:
 
 
 def _default_old_query() -> ModelSpec:
-    """The update study's old query model: half the images, half the steps where the
-    per-class floor does not bind (few classes), the full floor where it does (at half of it,
+    """The update study's old query model: half the images (so half the per-image floor),
+    half the steps where the per-class floor does not bind (few classes), the full per-class
+    floor where it does (at half of it,
     600 steps for 240 Han classes, the loss had not taken off: the update study's old Recall@1
     was 7.8)."""
     return ModelSpec(

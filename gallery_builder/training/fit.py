@@ -80,13 +80,15 @@ class TrainSettings:
     """Optimisation settings of an embedding model; defaults suit a 2-core CPU and small images.
 
     The budget is ``steps`` optimiser steps unless ``epochs`` is set: a small dataset gets more
-    passes, a large one fewer, where a fixed epoch count under-trains small data. On data with
-    many classes it rises to ``steps_per_class`` steps per training class (:meth:`for_classes`).
+    passes, a large one fewer, where a fixed epoch count under-trains small data. It rises to
+    ``steps_per_class`` steps per training class on data with many classes and to
+    ``min_epochs`` passes over the training images on large data (:meth:`for_data`).
     """
 
     epochs: int | None = None
     steps: int = 1000
     steps_per_class: float = 5.0
+    min_epochs: float = 20.0
     batch_size: int = 256
     lr: float | None = None  # None: the architecture's (for_architecture)
     weight_decay: float = 5e-4
@@ -100,21 +102,29 @@ class TrainSettings:
         check_settings(self)
         if not self.steps_per_class >= 0:
             raise ValueError(f"steps_per_class must be at least 0, got {self.steps_per_class}")
+        if not self.min_epochs >= 0:
+            raise ValueError(f"min_epochs must be at least 0, got {self.min_epochs}")
 
     def for_architecture(self, architecture: str) -> TrainSettings:
         """These settings with an unset learning rate set to the one ``architecture`` was
         registered with (:func:`gallery_builder.models.recommended_lr`)."""
         return self if self.lr is not None else replace(self, lr=recommended_lr(architecture))
 
-    def for_classes(self, classes: int) -> TrainSettings:
-        """These settings with the step budget raised to ``steps_per_class`` steps per class.
+    def for_data(self, classes: int, images: int) -> TrainSettings:
+        """These settings with the step budget raised to ``steps_per_class`` steps per class
+        and to ``min_epochs`` passes over ``images`` training images.
 
         A proxy loss over many classes learns next to nothing until each class has been seen
         often enough: on 1,000 Han characters (400 training classes, 43 fonts each) the query
         model's Recall@1 on unseen classes was 79 after 1,000 steps and 98.6 after 2,000, and
-        with half the images and 500 steps it stayed at chance.
+        with half the images and 500 steps it stayed at chance. On many images a fixed budget
+        under-trains: on glyphs (24,814 training images, 10 passes at 1,000 steps) the query
+        model's Recall@1 / MAP@R on unseen classes went 94.09 / 62.75 at 1,000 steps, 94.98 /
+        65.16 at 2,000, 95.54 / 67.90 at 5,000; the gallery's resnet 95.35 / 66.21 → 95.88 /
+        68.86 at 2,000.
         """
-        return replace(self, steps=max(self.steps, math.ceil(self.steps_per_class * classes)))
+        floor = max(self.steps_per_class * classes, self.min_epochs * images / self.batch_size)
+        return replace(self, steps=max(self.steps, math.ceil(floor)))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -235,7 +245,7 @@ def _fit_model(
     ``classes`` classes (the step budget follows them); ``loss_fn(embeddings, idx, views)``
     also gets the views themselves (for a teacher)."""
     images = torch.as_tensor(images)
-    s = s.for_classes(classes)
+    s = s.for_data(classes, len(images))
 
     def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         views = s.augment(images[idx], gen)
