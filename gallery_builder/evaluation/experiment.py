@@ -179,9 +179,8 @@ def _default_query() -> ModelSpec:
 def _default_old_query() -> ModelSpec:
     """The update study's old query model: half the images (so half the per-image floor),
     half the steps where the per-class floor does not bind (few classes), the full per-class
-    floor where it does (at half of it,
-    600 steps for 240 Han classes, the loss had not taken off: the update study's old Recall@1
-    was 7.8)."""
+    floor where it does (at half of it, 600 steps for 240 Han classes, the loss had not taken
+    off: the update study's old Recall@1 was 7.8)."""
     return ModelSpec(
         "query-old",
         "mobilenet",
