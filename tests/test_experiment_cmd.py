@@ -107,6 +107,8 @@ def test_unknown_key_lists_the_known_ones_with_a_suggestion(tmp_path):
         ("[query_model.train]\nlr = 0", "query_model.train.lr: learning rate must be positive"),
         ("[split]\nval_share = 1.5", "split.val_share: val_share must be between 0 and 1"),
         ("[split]\nquery_share = 0", "split.query_share: query_share must be between 0 and 1"),
+        ("[split]\ndistractors = -5", "split.distractors: distractors must be at least 0"),
+        ('[split]\ndistractors = "many"', "split.distractors: expected an integer"),
         (
             "[query_model.train.augment]\nrotate = 200.0",
             "query_model.train.augment.rotate: augment.rotate must be in [0, 180 degrees)",
@@ -222,6 +224,8 @@ def test_tiny_open_set_run(glyph_root, tmp_path, monkeypatch):
     assert sorted(classes["train"] + classes["val"] + classes["search"]) == every
     assert len(classes["search"]) == 6 and len(classes["val"]) == 2  # >= 6 training: 2
     assert report["open_set"] and split["seed"] == 1
+    distractors = split["images"]["gallery"] - split["images"]["val_gallery"]
+    assert split["val_distractors"]["images"] == distractors > 0
     protocol = report["protocol"]
     assert protocol.startswith("open set, split by class (seed 1)")
     for role in ("train", "val", "search"):

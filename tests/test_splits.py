@@ -14,6 +14,7 @@ from gallery_builder.data.datasets import ImageSet
 from gallery_builder.data.splits import (
     PARTS,
     SplitSettings,
+    distractor_index,
     fingerprint,
     holdout_images,
     split_by_class,
@@ -198,3 +199,51 @@ def test_limits_keep_training_labels_contiguous(tmp_path):
     assert sorted(set(splits.train.labels.tolist())) == list(range(len(splits.train.classes)))
     assert_labels_name_classes(splits.train)
     assert splits.train.name.endswith(fingerprint(splits.train.ids))
+
+
+# --------------------------------------------------------------------------- distractors
+def test_distractors_spread_evenly_over_the_classes_and_are_seeded():
+    labels = np.repeat(np.arange(4), [50, 3, 10, 10])
+    picked = distractor_index(labels, 13, seed=2)
+    assert picked.tolist() == sorted(set(picked.tolist())) and len(picked) == 13
+    # every class gives its j-th image before any gives its (j+1)-th: 3 + 3 + 3 + 3 + 1
+    assert sorted(np.bincount(labels[picked]).tolist()) == [3, 3, 3, 4]
+    assert distractor_index(labels, 13, 2).tolist() == picked.tolist()
+    assert distractor_index(labels, 13, 3).tolist() != picked.tolist()
+    assert distractor_index(labels, 1000, 2).tolist() == list(range(len(labels)))
+    assert len(distractor_index(labels, 0, 2)) == 0
+
+
+def test_validation_distractors_are_training_images_no_query_matches(tmp_path):
+    from gallery_builder.evaluation.run import _Scorer
+
+    root = tmp_path / "many"
+    write_folder(root, {f"k{k:02d}": 6 for k in range(20)})
+    splits = load_splits(with_input_spec(load_config(data=root)))
+    d = splits.val_distractors
+    # by default as many as make the validation gallery as large as the search gallery
+    assert len(d) == len(splits.gallery) - len(splits.val_gallery) > 0
+    train = set(splits.split["classes"]["train"])
+    picked = [splits.train.ids[i] for i in d]
+    assert {i.split("/")[0] for i in picked} <= train  # by ids: training images only
+    held_out = {i for p in PARTS[1:] for i in getattr(splits, p).ids}
+    assert not set(picked) & held_out
+    assert [splits.train.classes[c] for c in splits.train.labels[d]] == [
+        i.split("/")[0] for i in picked
+    ]
+    # by labels: past every validation label, so that no validation query matches one
+    labels = _Scorer(splits).labels
+    padded, queries = labels["val_gallery"], labels["val_query"]
+    assert len(padded) == len(splits.val_gallery) + len(d)
+    assert padded[: len(splits.val_gallery)].tolist() == splits.val_gallery.labels.tolist()
+    assert int(padded[len(splits.val_gallery) :].min()) > int(queries.max())
+    assert splits.split["val_distractors"] == {
+        "images": len(d),
+        "classes": len(set(picked) and {i.split("/")[0] for i in picked}),
+    }
+    assert f"joined by {len(d)} training images" in splits.protocol
+    # a count of the user's, or none
+    few = load_splits(with_input_spec(load_config(data=root, split=SplitSettings(distractors=3))))
+    assert len(few.val_distractors) == 3
+    none = load_splits(with_input_spec(load_config(data=root, split=SplitSettings(distractors=0))))
+    assert len(none.val_distractors) == 0 and "as distractors" not in none.protocol

@@ -4,8 +4,11 @@ Open set (:func:`split_by_class`, :func:`split_folders`): the classes are split,
 images. Training classes train every model and head; a share of them, the validation classes,
 is held out of all training (model selection and fusion weights are fitted on them); the search
 classes are never seen by any training. The images of each validation and search class are
-split into gallery and queries. Closed set (:func:`holdout_images`): a share of the training
-images is held out as a validation gallery and validation queries of the same classes.
+split into gallery and queries. The validation gallery also holds distractors
+(:func:`distractor_index`): training images, of classes no validation query has, so that a
+choice made on a few validation classes faces a gallery as crowded as the search one. Closed
+set (:func:`holdout_images`): a share of the training images is held out as a validation
+gallery and validation queries of the same classes.
 
 Every part is an :class:`ImageSet` whose ``name`` ends with a fingerprint of its ids, so that a
 model cached for one split is never reused for another. Training labels run 0..C-1 over the
@@ -33,6 +36,7 @@ __all__ = [
     "split_by_class",
     "split_folders",
     "holdout_images",
+    "distractor_index",
 ]
 
 #: The parts of every split, in this order.
@@ -46,12 +50,15 @@ class SplitSettings:
     """Shares of a split. ``search_share``: of the classes, the search classes (open set);
     ``val_share``: of the training classes (open set) or training images (closed set), the
     validation ones; ``query_share``: of each validation or search class's images, the
-    queries; ``seed``: the split's random seed."""
+    queries; ``seed``: the split's random seed; ``distractors``: training images added to the
+    validation gallery (open set), None for as many as make it as large as the search
+    gallery, 0 for none."""
 
     search_share: float = 0.5
     val_share: float = 0.2
     query_share: float = 0.5
     seed: int = 0
+    distractors: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("search_share", "val_share", "query_share"):
@@ -60,6 +67,8 @@ class SplitSettings:
                 raise ValueError(f"{name} must be between 0 and 1 (exclusive), got {value}")
         if self.seed < 0:
             raise ValueError(f"seed must be at least 0, got {self.seed}")
+        if self.distractors is not None and self.distractors < 0:
+            raise ValueError(f"distractors must be at least 0 (or unset), got {self.distractors}")
 
 
 def fingerprint(ids: Sequence[str]) -> str:
@@ -247,3 +256,17 @@ def holdout_images(train: ImageSet, share: float, seed: int) -> tuple[ImageSet, 
         "val_query": order[n_gallery:n_val],
     }
     return tuple(_part(train, train.classes, index[p], p, train.name) for p in index)
+
+
+def distractor_index(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``n`` training images (all of them if fewer), spread evenly over
+    the classes of ``labels``: every class gives its j-th image (seeded order) before any
+    gives its (j+1)-th, so a few large classes cannot fill the sample."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    order = rng.permutation(len(labels))
+    rank = np.empty(len(labels), dtype=np.int64)  # an image's place within its class
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        rank[members] = np.arange(len(members))
+    return np.sort(np.lexsort((rng.random(len(labels)), rank))[: max(0, n)])

@@ -38,6 +38,7 @@ from gallery_builder.data.glyphs import FONT_SETS, glyphs_dir
 from gallery_builder.data.splits import (
     PARTS,
     SplitSettings,
+    distractor_index,
     fingerprint,
     holdout_images,
     preview,
@@ -408,7 +409,9 @@ def with_input_spec(
 @dataclass
 class Splits:
     """The five parts of a run and how they were made: ``protocol`` in words, ``split`` as a
-    JSON-able record (seed, class names of each part, image counts, skipped files)."""
+    JSON-able record (seed, class names of each part, image counts, skipped files).
+    ``val_distractors`` indexes the training images that join the validation gallery as
+    distractors (open set; :func:`~gallery_builder.data.splits.distractor_index`)."""
 
     train: ImageSet
     val_gallery: ImageSet
@@ -418,6 +421,7 @@ class Splits:
     protocol: str
     open_set: bool
     split: dict
+    val_distractors: np.ndarray
 
 
 @functools.lru_cache(maxsize=3)
@@ -447,7 +451,12 @@ def load_splits(cfg: ExperimentConfig) -> Splits:
             "(or give image folders with --data, or --train/--gallery/--query)"
         )
     parts = _limited(parts, cfg)
+    distractors = _distractors(parts, cfg) if record["open_set"] else np.zeros(0, np.int64)
     record["images"] = {p: len(v) for p, v in parts.items()}
+    record["val_distractors"] = {
+        "images": len(distractors),
+        "classes": len(np.unique(parts["train"].labels[distractors])),
+    }
     record["fingerprints"] = {p: v.name.rsplit("-", 1)[1] for p, v in parts.items()}
     record["skipped"] = {"count": len(skipped), "files": [list(s) for s in skipped[:20]]}
     open_set = record["open_set"]
@@ -456,7 +465,18 @@ def load_splits(cfg: ExperimentConfig) -> Splits:
         protocol += f"; {len(skipped)} unreadable image file(s) skipped: " + preview(
             [p for p, _ in skipped]
         )
-    return Splits(**parts, protocol=protocol, open_set=open_set, split=record)
+    return Splits(
+        **parts, protocol=protocol, open_set=open_set, split=record, val_distractors=distractors
+    )
+
+
+def _distractors(parts: dict[str, ImageSet], cfg: ExperimentConfig) -> np.ndarray:
+    """The training images that join the validation gallery: ``split.distractors`` of them,
+    by default as many as make it as large as the search gallery."""
+    n = cfg.split.distractors
+    if n is None:
+        n = len(parts["gallery"]) - len(parts["val_gallery"])
+    return distractor_index(parts["train"].labels, n, cfg.split.seed)
 
 
 def _on_glyphs_root(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -562,9 +582,21 @@ def _open_protocol(source: str, record: dict) -> str:
     return (
         f"open set, split by class (seed {record['seed']}) of {source}: models and heads train "
         f"on {_part_line(record, 'train', ('train',))}; {val} "
-        "are held out of all training as validation classes (model selection and fusion "
-        f"weights are fitted on them); {_part_line(record, 'search', ('gallery', 'query'))} "
-        "are searched, none of them seen by any training"
+        "are held out of all training as validation classes (fusion weights, neighbours and "
+        f"the recommendation are chosen on them){_distractor_words(record)}; "
+        f"{_part_line(record, 'search', ('gallery', 'query'))} are searched, none of them seen "
+        "by any training"
+    )
+
+
+def _distractor_words(record: dict) -> str:
+    d = record["val_distractors"]
+    if not d["images"]:
+        return ""
+    return (
+        f", their gallery joined by {d['images']} training images of {d['classes']} training "
+        "classes as distractors (no validation query matches them; they make the validation "
+        "gallery as crowded as the search one)"
     )
 
 

@@ -343,13 +343,17 @@ def _recommendation(report: dict) -> str:
         )
     return (
         f"Chosen on the validation split ({report.get('split', {}).get('validation', 'held out')}"
-        f"), never on the search classes: **{best}** with validation Recall@1 "
+        "), never on the search classes (Recall@1 decides; settings within one standard "
+        f"deviation of the paired difference tie, and MAP@R breaks the tie): **{best}** with "
+        "validation Recall@1 "
         f"{_pct(v[best]['recall_at_1'])} and MAP@R {_pct(v[best]['map_at_r'])}, "
         f"{100 * rec['margin_recall_at_1']:+.2f} Recall@1 and "
         f"{100 * rec['margin_map_at_r']:+.2f} MAP@R points over the runner-up {runner} "
         f"(query model alone: {_pct(v['sym:query']['recall_at_1'])} / "
         f"{_pct(v['sym:query']['map_at_r'])}). On the search classes it "
-        f"ranks #{rec['search_rank']} of the deployable settings.\n\n" + deploy
+        f"ranks #{rec['search_rank_recall_at_1']} by Recall@1 and "
+        f"#{rec['search_rank_map_at_r']} by MAP@R of the {rec['deployable']} deployable "
+        "settings.\n\n" + deploy
     )
 
 

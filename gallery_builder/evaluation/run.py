@@ -35,6 +35,8 @@ from gallery_builder.evaluation.experiment import (
     load_splits,
 )
 from gallery_builder.evaluation.fusion_fit import (
+    ValidationView,
+    choose,
     fit_neighbours,
     fit_weights,
     graph_weights,
@@ -75,14 +77,19 @@ _PARTS = ("val_gallery", "val_query", "gallery", "query")
 
 
 class _Embeddings:
-    """A model's embeddings of the validation and search images, and of the training images
-    unless ``train`` is False (a distilled model's are never used)."""
+    """A model's embeddings of the training, validation and search images; the validation
+    gallery's are followed by those of its distractors (training images). A distilled model
+    embeds only the queries (it searches against its teacher's index)."""
 
-    def __init__(self, model, splits: Splits, name: str, train: bool = True) -> None:
-        if train:
-            self.train = embed(model, splits.train.images, progress=f"{name} train")
+    def __init__(self, model, splits: Splits, name: str, distilled: bool = False) -> None:
+        if distilled:
+            for part in ("val_query", "query"):
+                setattr(self, part, embed(model, getattr(splits, part).images))
+            return
+        self.train = embed(model, splits.train.images, progress=f"{name} train")
         for part in _PARTS:
             setattr(self, part, embed(model, getattr(splits, part).images))
+        self.val_gallery = torch.cat([self.val_gallery, self.train[splits.val_distractors]])
 
 
 class _Stopwatch:
@@ -101,15 +108,20 @@ class _Stopwatch:
 
 class _Scorer:
     """Retrieval metrics of query vectors against gallery vectors, on the search split
-    (``gallery``/``query``) or the validation split (``val_gallery``/``val_query``)."""
+    (``gallery``/``query``) or the validation split (``val_gallery``/``val_query``; each
+    distractor labelled by its training class, past every validation label, so that no query
+    matches it). Validation metrics carry ``hits``, each query's top-1 hit."""
 
     def __init__(self, splits: Splits) -> None:
         self.labels = {p: torch.as_tensor(getattr(splits, p).labels) for p in _PARTS}
+        past = int(max(self.labels["val_gallery"].max(), self.labels["val_query"].max())) + 1
+        distractors = torch.as_tensor(splits.train.labels[splits.val_distractors]) + past
+        self.labels["val_gallery"] = torch.cat([self.labels["val_gallery"], distractors])
 
     def __call__(self, q: torch.Tensor, g: torch.Tensor, val: bool = False) -> dict:
         prefix = "val_" if val else ""
         return retrieval_metrics(
-            q, self.labels[prefix + "query"], g, self.labels[prefix + "gallery"]
+            q, self.labels[prefix + "query"], g, self.labels[prefix + "gallery"], hits=val
         )
 
     @property
@@ -172,11 +184,14 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
 
     settings: dict[str, dict] = {}
     val: dict[str, dict] = {}
+    hits: dict[str, torch.Tensor] = {}  # validation top-1 hits (the first head seed's)
+    view = ValidationView({g: e.val_gallery for g, e in eg.items()})
 
     def record(name: str, q_of, g_of) -> None:
         """``q_of(val)`` and ``g_of(val)`` give the query and gallery vectors of a split."""
         settings[name] = score(q_of(False), g_of(False))
         val[name] = score(q_of(True), g_of(True), val=True)
+        hits[name] = val[name].pop("hits")
 
     def part(e, side: str):
         return lambda v: getattr(e, ("val_" if v else "") + side)
@@ -185,7 +200,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
     for g in gallery:
         record(f"sym:{g}", part(eg[g], "query"), part(eg[g], "gallery"))
     with stage("embeddings"):
-        ekd = {g: _Embeddings(m, splits, f"kd-{g}", train=False) for g, (m, _) in distilled.items()}
+        ekd = {
+            g: _Embeddings(m, splits, f"kd-{g}", distilled=True) for g, (m, _) in distilled.items()
+        }
     for g in gallery:
         record(f"kd:{g}", part(ekd[g], "query"), part(eg[g], "gallery"))
 
@@ -207,8 +224,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
                     dim=cfg.unified_dim if mode == "unified" else None,
                     identity=True,
                 )
-            result = _evaluate_heads(heads, raw, score)
+            result = _evaluate_heads(heads, raw, score, view)
             for name, (search_m, val_m) in result["settings"].items():
+                hits.setdefault(f"{mode}:{name}", val_m.pop("hits"))
                 runs.setdefault(f"{mode}:{name}", []).append(search_m)
                 val_runs.setdefault(f"{mode}:{name}", []).append(val_m)
             if mode not in first:
@@ -221,7 +239,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
             table[name].setdefault("recall_at_1_std", 0.0)
             table[name].setdefault("map_at_r_std", 0.0)
 
-    recommendation = _recommend(val, settings, first)
+    recommendation = _recommend(val, hits, settings, first)
     default_mode = recommendation["mode"]
     for mode, f in first.items():
         chosen = recommendation if mode == default_mode else f
@@ -237,7 +255,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
         )
     write_recommendation(out, recommendation, cfg.query_model.name)
     with stage("accuracy against N"):
-        against_n = {mode: _against_n(f["heads"], raw, score) for mode, f in first.items()}
+        against_n = {mode: _against_n(f["heads"], raw, score, view) for mode, f in first.items()}
         diversity = {}
         for axis, names in cfg.diversity.items():
             axis_heads = train_heads(
@@ -253,7 +271,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
                 p: {**{g: getattr(eg[g], p) for g in names}, QUERY_MEMBER: getattr(eq, p)}
                 for p in _PARTS
             }
-            diversity[axis] = {"models": names, **_against_n(axis_heads, axis_raw, score)}
+            diversity[axis] = {"models": names, **_against_n(axis_heads, axis_raw, score, view)}
     heads = first[default_mode]["heads"]
     qv = heads.encode_query(eq.query)
     with torch.no_grad():  # the ceiling: about the most a gallery side can add to this query side
@@ -266,7 +284,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
         update = {
             "mode": default_mode,
             "modes": _update_study(
-                cfg, head_train, raw, eq, eoq, q_train, oq_train, labels, score, first
+                cfg, head_train, raw, eq, eoq, q_train, oq_train, labels, score, view, first
             ),
         }
     # what re-encoding the gallery for the new query model reaches: a rebuild, or a refresh
@@ -311,7 +329,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
     }
 
 
-def _evaluate_heads(heads: HeadSet, raw: dict, score: _Scorer) -> dict:
+def _evaluate_heads(heads: HeadSet, raw: dict, score: _Scorer, view: ValidationView) -> dict:
     """One head set's settings on search and validation: each member alone, the plain mean of
     the gallery models' heads, the members fused by weights fitted on validation (``fused``),
     the query model's own member averaged over the gallery models' neighbours
@@ -329,7 +347,7 @@ def _evaluate_heads(heads: HeadSet, raw: dict, score: _Scorer) -> dict:
     for g in heads.members if heads.query is not None else heads.names:
         add(g, {"weights": {g: 1.0}, "neighbours": None})
     add("mean", {"weights": dict.fromkeys(heads.names, 1.0), "neighbours": None})
-    fit = _fit_ensemble(heads, raw, q[1], score, heads.members)
+    fit = _fit_ensemble(heads, raw, q[1], score, view, heads.members)
     for name, choice in fit.items():
         if choice is not None:
             add(name, choice)
@@ -337,13 +355,18 @@ def _evaluate_heads(heads: HeadSet, raw: dict, score: _Scorer) -> dict:
 
 
 def _fit_ensemble(
-    heads: HeadSet, raw: dict, q_val: torch.Tensor, score: _Scorer, names: list[str]
+    heads: HeadSet,
+    raw: dict,
+    q_val: torch.Tensor,
+    score: _Scorer,
+    view: ValidationView,
+    names: list[str],
 ) -> dict[str, dict | None]:
     """The ensemble of ``names`` fitted on the validation split: ``fused`` (fusion weights),
     ``neighbours`` (the query model's own member averaged over its neighbours in the gallery
-    models' view at those weights, or alone where averaging does not help; None without that
-    member) and ``ensemble``, the one of the two with the higher Recall@1 + MAP@R on
-    validation. Each is ``{"weights", "neighbours"}`` as :class:`HeadSet` takes them."""
+    models' view, or alone where averaging does not help; None without that member) and
+    ``ensemble``, the one of the two that wins on validation (:func:`choose`). Each is
+    ``{"weights", "neighbours"}`` as :class:`HeadSet` takes them."""
     val = raw["val_gallery"]
     with torch.no_grad():
         members = {m: heads.transform_gallery(m, val[m].float()) for m in names}
@@ -351,20 +374,23 @@ def _fit_ensemble(
     fused = {"weights": weights, "neighbours": None}
     if QUERY_MEMBER not in names:
         return {"fused": fused, "neighbours": None, "ensemble": fused}
-    gallery = {n: val[n] for n in names if n != QUERY_MEMBER}
     neighbours, averaged_val = fit_neighbours(
-        members[QUERY_MEMBER], gallery, graph_weights(weights), q_val, *score.val_labels
+        members[QUERY_MEMBER],
+        view,
+        [n for n in names if n != QUERY_MEMBER],
+        q_val,
+        *score.val_labels,
     )
     averaged = {"weights": {m: float(m == QUERY_MEMBER) for m in names}, "neighbours": neighbours}
     if neighbours is None:  # the own member alone: it does not compete with the fusion
         return {"fused": fused, "neighbours": averaged, "ensemble": fused}
     fused_val = score(q_val, _gallery(heads, val, fused), val=True)
-
-    def value(m: dict) -> float:
-        return m["recall_at_1"] + m["map_at_r"]
-
-    best = averaged if value(averaged_val) > value(fused_val) + 1e-9 else fused
-    return {"fused": fused, "neighbours": averaged, "ensemble": best}
+    best = choose({"fused": fused_val, "neighbours": averaged_val})
+    return {
+        "fused": fused,
+        "neighbours": averaged,
+        "ensemble": fused if best == "fused" else averaged,
+    }
 
 
 def _gallery(heads: HeadSet, raw: dict, choice: dict) -> torch.Tensor:
@@ -377,7 +403,7 @@ def _gallery(heads: HeadSet, raw: dict, choice: dict) -> torch.Tensor:
     return average_in_view(vectors, raw, nb)
 
 
-def _against_n(heads: HeadSet, raw: dict, score: _Scorer) -> dict:
+def _against_n(heads: HeadSet, raw: dict, score: _Scorer, view: ValidationView) -> dict:
     """Recall@1 and MAP@R on the search classes against the number of gallery models N: the
     mean over every subset of N models, for the plain mean of their heads and for the
     ensemble (the subset plus the identity member, fitted on validation)."""
@@ -389,7 +415,7 @@ def _against_n(heads: HeadSet, raw: dict, score: _Scorer) -> dict:
             names = list(subset)
             plain = {"weights": dict.fromkeys(names, 1.0), "neighbours": None}
             mean.append(score(q[0], _gallery(heads, raw["gallery"], plain)))
-            fit = _fit_ensemble(heads, raw, q[1], score, [*names, QUERY_MEMBER])
+            fit = _fit_ensemble(heads, raw, q[1], score, view, [*names, QUERY_MEMBER])
             ens.append(score(q[0], _gallery(heads, raw["gallery"], fit["ensemble"])))
         rows.append(
             {
@@ -408,23 +434,21 @@ def _against_n(heads: HeadSet, raw: dict, score: _Scorer) -> dict:
     return {"rows": rows}
 
 
-def _recommend(val: dict, settings: dict, first: dict) -> dict:
-    """The deployable setting that wins on the validation split (Recall@1 + MAP@R), with its
-    margin over the runner-up and over the query model alone; ``sym:G`` is a reference, not a
-    choice (the phone runs the query model)."""
-
-    def value(name: str) -> float:
-        return val[name]["recall_at_1"] + val[name]["map_at_r"]
+def _recommend(val: dict, hits: dict, settings: dict, first: dict) -> dict:
+    """The deployable setting that wins on the validation split (:func:`choose`: Recall@1
+    within noise, then MAP@R; ``hits`` are the first head seed's), with its margin over the
+    runner-up and over the query model alone; ``sym:G`` is a reference, not a choice (the
+    phone runs the query model)."""
 
     def deployable(name: str) -> bool:  # fused and neighbours are the ensemble's candidates
         return (not name.startswith("sym:") or name == "sym:query") and not name.endswith(
             (":fused", ":neighbours")
         )
 
-    candidates = sorted(filter(deployable, val), key=value, reverse=True)
-    best, runner_up = candidates[0], candidates[1]
-    head_settings = [n for n in candidates if n.split(":")[0] in first]
-    mode_setting = head_settings[0]
+    candidates = {n: {**val[n], "hits": hits[n]} for n in val if deployable(n)}
+    best = choose(candidates)
+    runner_up = choose({n: m for n, m in candidates.items() if n != best})
+    mode_setting = choose({n: m for n, m in candidates.items() if n.split(":")[0] in first})
     mode = mode_setting.split(":")[0]
     member = mode_setting.split(":", 1)[1]
     f = first[mode]
@@ -449,12 +473,15 @@ def _recommend(val: dict, settings: dict, first: dict) -> dict:
         "margin_map_at_r": val[best]["map_at_r"] - val[runner_up]["map_at_r"],
         "runner_up": runner_up,
         "search": {n: settings[n] for n in (best, runner_up)},
-        "search_rank": sorted(
-            filter(deployable, settings),
-            key=lambda n: settings[n]["recall_at_1"] + settings[n]["map_at_r"],
-            reverse=True,
-        ).index(best)
-        + 1,
+        # where the choice lands on the search classes among the deployable settings
+        "deployable": len(candidates),
+        **{
+            f"search_rank_{key}": sorted(
+                candidates, key=lambda n: settings[n][key], reverse=True
+            ).index(best)
+            + 1
+            for key in ("recall_at_1", "map_at_r")
+        },
     }
 
 
@@ -467,7 +494,9 @@ def _mean_std(values: list[dict]) -> dict:
     return out
 
 
-def _update_study(cfg, head_train, raw, eq, eoq, q_train, oq_train, labels, score, first) -> dict:
+def _update_study(
+    cfg, head_train, raw, eq, eoq, q_train, oq_train, labels, score, view, first
+) -> dict:
     """Old query model (less data, shorter training) vs a new one, against one gallery that no
     gallery model is run for again."""
     s = replace(cfg.heads, seed=cfg.head_seeds[0])
@@ -480,7 +509,7 @@ def _update_study(cfg, head_train, raw, eq, eoq, q_train, oq_train, labels, scor
         "unified", head_train, oq_train, labels, s, dim=cfg.unified_dim, identity=True
     )
     val_raw = {"val_gallery": {**raw["val_gallery"], QUERY_MEMBER: eoq.val_gallery}}
-    chosen = _fit_ensemble(old, val_raw, old.encode_query(eoq.val_query), score, old.members)
+    chosen = _fit_ensemble(old, val_raw, old.encode_query(eoq.val_query), score, view, old.members)
     old.set_weights(chosen["ensemble"]["weights"])
     gv = _gallery(old, {**gallery_raw, QUERY_MEMBER: eoq.gallery}, chosen["ensemble"])
     # the new head lands on the training images' fused vectors (they are no gallery: not
@@ -495,7 +524,7 @@ def _update_study(cfg, head_train, raw, eq, eoq, q_train, oq_train, labels, scor
     # validation); the update: the new query model's gallery heads re-project the stored raw
     # embeddings, without the old query model's member (it is in the old space)
     old = train_heads("to-query", head_train, oq_train, labels, s, identity=True)
-    chosen = _fit_ensemble(old, val_raw, old.encode_query(eoq.val_query), score, old.members)
+    chosen = _fit_ensemble(old, val_raw, old.encode_query(eoq.val_query), score, view, old.members)
     gv = _gallery(old, {**gallery_raw, QUERY_MEMBER: eoq.gallery}, chosen["ensemble"])
     new = first["to-query"]["heads"]
     weights = graph_weights(first["to-query"]["fused"]["weights"])

@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fuse", "graph_space", "neighbour_average", "average_in_view"]
+__all__ = [
+    "fuse",
+    "graph_space",
+    "nearest_neighbours",
+    "weighted_average",
+    "neighbour_average",
+    "average_in_view",
+]
 
 
 def fuse(
@@ -52,29 +59,42 @@ def graph_space(raw: dict[str, torch.Tensor], weights: dict[str, float]) -> torc
     return torch.cat(parts, dim=1)
 
 
+def nearest_neighbours(graph: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each of the B items' ``k`` nearest other items in ``graph`` (B, G) by inner product:
+    (similarities, indices), each (B, min(k, B - 1)). Exact search, O(B^2 G), in blocks of
+    bounded memory."""
+    n = len(graph)
+    k = max(0, min(int(k), n - 1))
+    g = graph.float()
+    sims_out, idx_out = torch.empty(n, k), torch.empty(n, k, dtype=torch.long)
+    block = max(16, 2**25 // max(n, 1))  # at most 32M similarities (128 MB) at a time
+    for s in range(0, n if k else 0, block):
+        sims = g[s : s + block] @ g.T
+        rows = torch.arange(len(sims))
+        sims[rows, rows + s] = -float("inf")  # the item itself is not its neighbour
+        sims_out[s : s + block], idx_out[s : s + block] = sims.topk(k, dim=1)
+    return sims_out, idx_out
+
+
+def weighted_average(
+    vectors: torch.Tensor, neighbours: tuple[torch.Tensor, torch.Tensor], k: int, alpha: float
+) -> torch.Tensor:
+    """Each of the B ``vectors`` replaced by the L2-normalised sum of itself (weight 1) and its
+    first ``k`` ``neighbours`` (from :func:`nearest_neighbours`), each weighted by its
+    similarity to the power ``alpha`` (negative similarities count 0)."""
+    sims, idx = neighbours[0][:, :k], neighbours[1][:, :k]
+    v = vectors.float()
+    w = sims.clamp(min=0) ** alpha
+    return F.normalize(v + (w[..., None] * v[idx]).sum(1), dim=-1)
+
+
 def neighbour_average(
     vectors: torch.Tensor, graph: torch.Tensor, k: int, alpha: float
 ) -> torch.Tensor:
-    """Each of the B ``vectors`` replaced by the L2-normalised sum of itself and its ``k``
-    nearest other items in ``graph`` (B, G) (inner product), each neighbour weighted by its
-    similarity to the power ``alpha`` (negative similarities count 0) and the item itself by 1:
-    database-side augmentation (αDBA, Radenović et al., 2018), with the neighbours found in
-    another space than the one averaged. Exact search, O(B^2 G), in blocks of bounded memory."""
-    n = len(vectors)
-    k = min(int(k), n - 1)
-    if k < 1:
-        return F.normalize(vectors.float(), dim=-1)
-    v, g = vectors.float(), graph.float()
-    out = torch.empty_like(v)
-    block = max(16, 2**25 // n)  # at most 32M similarities (128 MB) at a time
-    for s in range(0, n, block):
-        sims = g[s : s + block] @ g.T
-        rows = torch.arange(len(sims))
-        sims[rows, rows + s] = -float("inf")  # the item itself is added with weight 1
-        top, idx = sims.topk(k, dim=1)
-        w = top.clamp(min=0) ** alpha
-        out[s : s + block] = v[s : s + block] + (w[..., None] * v[idx]).sum(1)
-    return F.normalize(out, dim=-1)
+    """Database-side augmentation (αDBA, Radenović et al., 2018) with the neighbours found in
+    another space than the one averaged: each of the B ``vectors`` averaged over its ``k``
+    nearest other items in ``graph`` (B, G) (:func:`weighted_average`)."""
+    return weighted_average(vectors, nearest_neighbours(graph, k), k, alpha)
 
 
 def average_in_view(
