@@ -129,18 +129,18 @@ def test_fitted_weights_drop_a_member_that_is_noise():
 
     def score(g):
         m = retrieval_metrics(query, ql, g, gl)
-        return m["recall_at_1"] + m["map_at_r"]
+        return m["recall_at_1"], m["map_at_r"]
 
     weights, best = fit_weights({"good": gallery, "noise": noise}, query, ql, gl)
-    assert score(gallery) < 2  # not a perfect separation: noise has something to spoil
+    assert score(gallery)[1] < 1  # not a perfect separation: noise has something to spoil
     assert weights["noise"] == 0 and weights["good"] > 0
     assert best == pytest.approx(score(gallery))
-    assert best >= score(fuse(torch.stack([gallery, noise]))[0])
+    assert score(fuse(torch.stack([gallery, noise]))[0]) < best
 
 
-def test_fitted_weights_keep_the_query_members_recall_at_1():
-    """A class-level member lifts MAP@R and blurs near duplicates: the query model's own
-    member keeps its Recall@1 as a floor; the same member under another name has none."""
+def test_fitted_weights_put_recall_at_1_first():
+    """A class-level member lifts MAP@R and blurs near duplicates: the fit may add it only
+    as far as the own member's Recall@1 holds."""
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(8, 16, generator=g)
     labels = torch.arange(8).repeat_interleave(12)
@@ -157,9 +157,12 @@ def test_fitted_weights_keep_the_query_members_recall_at_1():
         return retrieval_metrics(query, labels, fused, labels)
 
     alone = retrieval_metrics(query, labels, F.normalize(own, dim=-1), labels)
-    kept, free = fitted(QUERY_MEMBER), fitted("own")
-    assert kept["recall_at_1"] >= alone["recall_at_1"] > free["recall_at_1"]
-    assert free["map_at_r"] > kept["map_at_r"] > alone["map_at_r"]
+    vectors = torch.stack([F.normalize(own, dim=-1), F.normalize(blur, dim=-1)])
+    even = retrieval_metrics(query, labels, fuse(vectors)[0], labels)
+    assert even["map_at_r"] > alone["map_at_r"] and even["recall_at_1"] < alone["recall_at_1"]
+    for name in (QUERY_MEMBER, "own"):
+        kept = fitted(name)
+        assert kept["recall_at_1"] >= alone["recall_at_1"] and kept["map_at_r"] > alone["map_at_r"]
 
 
 def test_the_query_member_is_the_query_embedding_in_to_query_mode(tmp_path):

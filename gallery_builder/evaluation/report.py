@@ -343,8 +343,8 @@ def _recommendation(report: dict) -> str:
         )
     return (
         f"Chosen on the validation split ({report.get('split', {}).get('validation', 'held out')}"
-        "), never on the search classes (Recall@1 decides; settings within one standard "
-        f"deviation of the paired difference tie, and MAP@R breaks the tie): **{best}** with "
+        "), never on the search classes (the highest Recall@1, then MAP@R): "
+        f"**{best}** with "
         "validation Recall@1 "
         f"{_pct(v[best]['recall_at_1'])} and MAP@R {_pct(v[best]['map_at_r'])}, "
         f"{100 * rec['margin_recall_at_1']:+.2f} Recall@1 and "

@@ -110,7 +110,7 @@ class _Scorer:
     """Retrieval metrics of query vectors against gallery vectors, on the search split
     (``gallery``/``query``) or the validation split (``val_gallery``/``val_query``; each
     distractor labelled by its training class, past every validation label, so that no query
-    matches it). Validation metrics carry ``hits``, each query's top-1 hit."""
+    matches it)."""
 
     def __init__(self, splits: Splits) -> None:
         self.labels = {p: torch.as_tensor(getattr(splits, p).labels) for p in _PARTS}
@@ -121,7 +121,7 @@ class _Scorer:
     def __call__(self, q: torch.Tensor, g: torch.Tensor, val: bool = False) -> dict:
         prefix = "val_" if val else ""
         return retrieval_metrics(
-            q, self.labels[prefix + "query"], g, self.labels[prefix + "gallery"], hits=val
+            q, self.labels[prefix + "query"], g, self.labels[prefix + "gallery"]
         )
 
     @property
@@ -184,14 +184,12 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
 
     settings: dict[str, dict] = {}
     val: dict[str, dict] = {}
-    hits: dict[str, torch.Tensor] = {}  # validation top-1 hits (the first head seed's)
     view = ValidationView({g: e.val_gallery for g, e in eg.items()})
 
     def record(name: str, q_of, g_of) -> None:
         """``q_of(val)`` and ``g_of(val)`` give the query and gallery vectors of a split."""
         settings[name] = score(q_of(False), g_of(False))
         val[name] = score(q_of(True), g_of(True), val=True)
-        hits[name] = val[name].pop("hits")
 
     def part(e, side: str):
         return lambda v: getattr(e, ("val_" if v else "") + side)
@@ -226,7 +224,6 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
                 )
             result = _evaluate_heads(heads, raw, score, view)
             for name, (search_m, val_m) in result["settings"].items():
-                hits.setdefault(f"{mode}:{name}", val_m.pop("hits"))
                 runs.setdefault(f"{mode}:{name}", []).append(search_m)
                 val_runs.setdefault(f"{mode}:{name}", []).append(val_m)
             if mode not in first:
@@ -239,7 +236,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path) -> dict:
             table[name].setdefault("recall_at_1_std", 0.0)
             table[name].setdefault("map_at_r_std", 0.0)
 
-    recommendation = _recommend(val, hits, settings, first)
+    recommendation = _recommend(val, settings, first)
     default_mode = recommendation["mode"]
     for mode, f in first.items():
         chosen = recommendation if mode == default_mode else f
@@ -434,18 +431,17 @@ def _against_n(heads: HeadSet, raw: dict, score: _Scorer, view: ValidationView) 
     return {"rows": rows}
 
 
-def _recommend(val: dict, hits: dict, settings: dict, first: dict) -> dict:
-    """The deployable setting that wins on the validation split (:func:`choose`: Recall@1
-    within noise, then MAP@R; ``hits`` are the first head seed's), with its margin over the
-    runner-up and over the query model alone; ``sym:G`` is a reference, not a choice (the
-    phone runs the query model)."""
+def _recommend(val: dict, settings: dict, first: dict) -> dict:
+    """The deployable setting that wins on the validation split (:func:`choose`: Recall@1,
+    then MAP@R), with its margin over the runner-up and over the query model alone; ``sym:G``
+    is a reference, not a choice (the phone runs the query model)."""
 
     def deployable(name: str) -> bool:  # fused and neighbours are the ensemble's candidates
         return (not name.startswith("sym:") or name == "sym:query") and not name.endswith(
             (":fused", ":neighbours")
         )
 
-    candidates = {n: {**val[n], "hits": hits[n]} for n in val if deployable(n)}
+    candidates = {n: val[n] for n in val if deployable(n)}
     best = choose(candidates)
     runner_up = choose({n: m for n, m in candidates.items() if n != best})
     mode_setting = choose({n: m for n, m in candidates.items() if n.split(":")[0] in first})
