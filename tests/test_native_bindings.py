@@ -19,7 +19,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from query_sdk import cli as query_cli
-from query_sdk.native.build import NativeBuildError, build_library, hnswlib_headers
+from query_sdk.native.build import (
+    NativeBuildError,
+    build_folder,
+    build_library,
+    hnswlib_headers,
+)
 
 NATIVE = Path(__file__).resolve().parents[1] / "query_sdk" / "native"
 K = 10
@@ -264,8 +269,7 @@ def _aarch64_executorch() -> Path:
 def _cross_build() -> Path:
     """libcmce_query + cmce-query-native for aarch64 (Debian's cross compiler)."""
     cmake = Path(sys.executable).with_name("cmake")
-    folder = Path(os.environ.get("CMCE_CACHE", Path.home() / ".cache" / "cmce")).expanduser()
-    folder = folder / "native" / "aarch64"
+    folder = build_folder("aarch64")
     et = _aarch64_executorch() / "executorch" / "lib" / "cmake" / "executorch"
     if not (folder / "CMakeCache.txt").is_file():
         configure = [cmake, "-S", NATIVE, "-B", folder, "-G", "Ninja"]

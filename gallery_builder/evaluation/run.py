@@ -9,10 +9,11 @@ both sides, through the query head); ``MODE:mean`` the paper's plain mean of the
 ``MODE:ensemble`` the N heads and the query model's own embedding of the gallery image (the
 identity member), fused with weights fitted on the validation classes; ``MODE:neighbours`` the
 query model's own member averaged over each gallery image's nearest neighbours in the gallery
-models' view (their cosine similarities at the ensemble's weights; k and the similarity
-exponent fitted on the validation classes). MODE is ``unified`` or ``to-query``. Everything
-that is chosen (weights, neighbours, the recommended setting) is chosen on the validation
-split, never on the search classes.
+models' view (the mean of their cosine similarities; the view, k and the similarity exponent
+fitted on the validation classes). MODE is ``unified`` or ``to-query``. Everything that is
+chosen (weights, neighbours, the recommended setting) is chosen on the validation split, never
+on the search classes: the highest Recall@1, then MAP@R, against a validation gallery padded
+with training images as distractors (:func:`~gallery_builder.data.splits.distractor_index`).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ Flags match how pip builds hnswlib on Linux (``-O3 -march=native``), so both sid
 distances with the same SIMD code.
 
 ``build_library(variant)`` configures and builds ``query_sdk/native/CMakeLists.txt`` into
-``$CMCE_CACHE/native/<variant>`` (incremental: a second call only relinks what changed) with the
-``cmake`` (>= 3.28) and ``ninja`` of this Python environment. Variants: ``release`` (the
+:func:`build_folder` (incremental: a second call only relinks what changed) with the ``cmake``
+(>= 3.28) and ``ninja`` of this Python environment. Variants: ``release`` (the
 default compiler); ``sanitize`` (clang, AddressSanitizer + UBSan on every target, the libFuzzer
 target ``fuzz_gallery``, no model runtime).
 
@@ -39,6 +39,7 @@ __all__ = [
     "compiler",
     "hnswlib_headers",
     "build",
+    "build_folder",
     "build_library",
 ]
 
@@ -167,6 +168,14 @@ def _run(cmd: list[str], what: str) -> None:
         raise NativeBuildError(f"{what} failed: {' '.join(cmd)}\n{out}")
 
 
+def build_folder(variant: str) -> Path:
+    """``$CMCE_CACHE/native/<variant>-<12 hex digits>``: one folder per build variant, source
+    checkout and Python environment (a CMake cache names its source folder and build tools,
+    so a second checkout or a new venv must not reuse another's)."""
+    key = hashlib.sha256(f"{HERE}\n{Path(sys.executable).absolute()}".encode()).hexdigest()
+    return _cache() / "native" / f"{variant}-{key[:12]}"
+
+
 def build_library(variant: str = "release", jobs: int = 2) -> Path:
     """Configure (once) and build libcmce_query's CMake project; return the build folder.
 
@@ -182,7 +191,7 @@ def build_library(variant: str = "release", jobs: int = 2) -> Path:
             raise NativeBuildError(
                 f"the {variant} build needs {settings[key]} (apt-get install clang)"
             )
-    folder = _cache() / "native" / variant
+    folder = build_folder(variant)
     if not (folder / "CMakeCache.txt").is_file():
         defines = {**settings, "CMCE_HNSWLIB_INCLUDE": str(hnswlib_headers())}
         defines["CMAKE_MAKE_PROGRAM"] = _tool("ninja")
