@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gallery_builder.evaluation.fusion_fit import (
+    MAP_WEIGHT,
     NEIGHBOUR_ALPHAS,
     NEIGHBOUR_KS,
     ValidationView,
@@ -15,6 +16,7 @@ from gallery_builder.evaluation.fusion_fit import (
     fit_neighbours,
     graph_candidates,
     graph_weights,
+    value,
 )
 from gallery_builder.evaluation.metrics import retrieval_metrics
 from gallery_builder.training.fusion import graph_space, neighbour_average
@@ -135,16 +137,20 @@ def test_graph_candidates_are_all_models_and_each_leave_one_out():
     ]
 
 
-def test_choose_puts_recall_at_1_first_then_map_at_r_then_the_first_listed():
+def test_choose_puts_recall_at_1_first_and_lets_map_at_r_decide_near_ties():
     metrics = {
         "a": {"recall_at_1": 0.7, "map_at_r": 0.9},
         "b": {"recall_at_1": 0.8, "map_at_r": 0.5},
         "c": {"recall_at_1": 0.8, "map_at_r": 0.6},
     }
-    assert choose(metrics) == "c"
+    assert choose(metrics) == "c"  # 0.1 Recall@1 outweighs 0.4 MAP@R
     metrics["d"] = dict(metrics["c"])
-    assert choose(metrics) == "c"
-    assert choose({"x": metrics["a"]}) == "x"
+    assert choose(metrics) == "c"  # equal: the first listed
+    # a lead of 0.0004 Recall@1 (2 of 5,000 queries) does not outweigh 0.09 MAP@R
+    metrics["e"] = {"recall_at_1": 0.8004, "map_at_r": 0.51}
+    metrics["f"] = {"recall_at_1": 0.8000, "map_at_r": 0.60 + 0.09}
+    assert choose(metrics) == "f"
+    assert value(metrics["f"]) == pytest.approx(0.8 + MAP_WEIGHT * 0.69)
 
 
 # ------------------------------------------------------------------------------- HeadSet

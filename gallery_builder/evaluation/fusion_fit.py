@@ -195,8 +195,8 @@ def fit_neighbours(
     """The neighbour averaging of the query model's own member ``own`` (its vectors of the
     validation gallery) over the gallery models ``names`` in ``view`` that wins on the
     validation ``query`` vectors (:func:`choose`), over the views of
-    :func:`graph_candidates` x :data:`NEIGHBOUR_KS` x :data:`NEIGHBOUR_ALPHAS`, never below
-    ``own``'s Recall@1 alone: ``({k, alpha, graph}, metrics)``, or ``(None, own's metrics)``
+    :func:`graph_candidates` x :data:`NEIGHBOUR_KS` x :data:`NEIGHBOUR_ALPHAS`, or ``own``
+    alone: ``({k, alpha, graph}, metrics)``, or ``(None, own's metrics)``
     when ``own`` alone wins. Listed lightest first (the smaller k, the larger alpha), so that
     exact ties keep the lighter averaging."""
     own = F.normalize(own.float(), dim=-1)

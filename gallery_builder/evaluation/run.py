@@ -12,7 +12,8 @@ query model's own member averaged over each gallery image's nearest neighbours i
 models' view (the mean of their cosine similarities; the view, k and the similarity exponent
 fitted on the validation classes). MODE is ``unified`` or ``to-query``. Everything that is
 chosen (weights, neighbours, the recommended setting) is chosen on the validation split, never
-on the search classes: the highest Recall@1, then MAP@R, against a validation gallery padded
+on the search classes (:func:`~gallery_builder.evaluation.fusion_fit.value`: Recall@1 first,
+MAP@R deciding near ties), against a validation gallery padded
 with training images as distractors (:func:`~gallery_builder.data.splits.distractor_index`).
 """
 
@@ -433,9 +434,9 @@ def _against_n(heads: HeadSet, raw: dict, score: _Scorer, view: ValidationView) 
 
 
 def _recommend(val: dict, settings: dict, first: dict) -> dict:
-    """The deployable setting that wins on the validation split (:func:`choose`: Recall@1,
-    then MAP@R), with its margin over the runner-up and over the query model alone; ``sym:G``
-    is a reference, not a choice (the phone runs the query model)."""
+    """The deployable setting that wins on the validation split (:func:`choose`: Recall@1
+    first, MAP@R deciding near ties), with its margin over the runner-up and over the query
+    model alone; ``sym:G`` is a reference, not a choice (the phone runs the query model)."""
 
     def deployable(name: str) -> bool:  # fused and neighbours are the ensemble's candidates
         return (not name.startswith("sym:") or name == "sym:query") and not name.endswith(
