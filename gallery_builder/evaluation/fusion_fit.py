@@ -158,11 +158,17 @@ class ValidationView:
 
     @torch.no_grad()
     def averaged_metrics(
-        self, own: torch.Tensor, graph: tuple[str, ...], k: int, alpha: float, scored
+        self,
+        own: torch.Tensor,
+        own_key: bytes,
+        graph: tuple[str, ...],
+        k: int,
+        alpha: float,
+        scored,
     ) -> dict:
-        """``scored(vectors)``'s metrics of ``own`` averaged over ``k`` neighbours in
-        ``graph`` at similarity exponent ``alpha``."""
-        key = (_digest(own), scored.key, graph, k, alpha)
+        """``scored(vectors)``'s metrics of ``own`` (digest ``own_key``) averaged over ``k``
+        neighbours in ``graph`` at similarity exponent ``alpha``."""
+        key = (own_key, scored.key, graph, k, alpha)
         if key not in self._metrics:
             self._metrics[key] = scored(weighted_average(own, self.neighbours(graph), k, alpha))
         return self._metrics[key]
@@ -202,10 +208,13 @@ def fit_neighbours(
     own = F.normalize(own.float(), dim=-1)
     scored = _Scored(query, query_labels, gallery_labels)
     candidates = {None: scored(own)}  # listed first: it wins ties
+    own_key = _digest(own)  # once: every candidate shares it
     for graph in graph_candidates(names):
         for k in NEIGHBOUR_KS:
             for alpha in sorted(NEIGHBOUR_ALPHAS, reverse=True):
-                candidates[graph, k, alpha] = view.averaged_metrics(own, graph, k, alpha, scored)
+                candidates[graph, k, alpha] = view.averaged_metrics(
+                    own, own_key, graph, k, alpha, scored
+                )
     best = choose(candidates)
     if best is None:
         return None, candidates[None]
