@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from gallery_builder.evaluation.metrics import (
     gallery_ceiling,
+    per_query_metrics,
     recall_at_1,
     retrieval_metrics,
     search,
@@ -61,6 +62,13 @@ def test_retrieval_metrics_hand_case():
     assert m["recall_at_1"] == pytest.approx(1 / 3)
     assert m["recall_at_5"] == pytest.approx(1.0)
     assert m["map_at_r"] == pytest.approx(1.25 / 3)
+
+
+def test_per_query_metrics_hand_case():
+    m = per_query_metrics(lambda a, b: QUERY[a:b] @ GALLERY.T, 3, QUERY_LABELS, GALLERY_LABELS, 2)
+    assert m["recall_at_1"].tolist() == [1, 0, 0]
+    assert m["recall_at_5"].tolist() == [1, 1, 1]
+    assert m["map_at_r"].tolist() == pytest.approx([1, 0.25, 0])
 
 
 def test_retrieval_metrics_do_not_depend_on_chunk():

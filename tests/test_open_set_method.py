@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from gallery_builder.evaluation.experiment import ExperimentConfig
 from gallery_builder.evaluation.fusion_fit import (
+    clearly_better,
     fit_weights,
     recommended,
     value,
@@ -125,9 +126,9 @@ def _clusters(n_classes=6, per_class=8, dim=16, noise=0.3, seed=0):
     return x, labels
 
 
-def test_fitted_weights_drop_a_member_that_is_noise():
-    gallery, gl = _clusters(noise=0.8, seed=1)
-    query, ql = _clusters(noise=0.8, seed=2)
+def test_fitted_weights_keep_a_member_that_is_noise_from_dragging_the_fusion_down():
+    x, labels = _clusters(per_class=80, noise=0.5, seed=1)
+    gallery, gl, query, ql = x[0::2], labels[0::2], x[1::2], labels[1::2]
     noise = F.normalize(
         torch.randn(gallery.shape, generator=torch.Generator().manual_seed(3)), dim=-1
     )
@@ -136,18 +137,52 @@ def test_fitted_weights_drop_a_member_that_is_noise():
         return value(retrieval_metrics(query, ql, g, gl))
 
     weights, best = fit_weights({"good": gallery, "noise": noise}, query, ql, gl)
-    assert retrieval_metrics(query, ql, gallery, gl)["map_at_r"] < 1  # noise can spoil it
-    assert weights["noise"] == 0 and weights["good"] > 0
-    assert best == pytest.approx(score(gallery))
-    assert score(fuse(torch.stack([gallery, noise]))[0]) < best
+    even = score(fuse(torch.stack([gallery, noise]))[0])
+    assert even < score(gallery) - 0.05  # equal weights: noise spoils it
+    assert weights["noise"] <= weights["good"] / 4
+    assert best >= score(gallery)
+    fused, _ = fuse(
+        torch.stack([gallery, noise]), torch.tensor([weights["good"], weights["noise"]])
+    )
+    assert score(fused) == pytest.approx(best)
+
+
+def test_fitted_weights_stay_equal_when_the_validation_lead_is_noise():
+    """Two members as good as each other: whichever leads on these queries does so by a
+    few of them, and the one-standard-error rule keeps the equal weights."""
+    x, labels = _clusters(per_class=40, noise=0.6, seed=4)
+    gallery, gl, query, ql = x[0::2], labels[0::2], x[1::2], labels[1::2]
+    g = torch.Generator().manual_seed(5)
+    members = {
+        n: F.normalize(gallery + 0.3 * torch.randn(gallery.shape, generator=g), dim=-1)
+        for n in ("a", "b")
+    }
+    values = {n: value(retrieval_metrics(query, ql, m, gl)) for n, m in members.items()}
+    assert values["a"] != values["b"]  # one of them leads
+    weights, _ = fit_weights(members, query, ql, gl)
+    assert weights["a"] == weights["b"] > 0
+
+
+def test_clearly_better_is_the_one_standard_error_rule():
+    base = torch.zeros(400)
+    base[:300] = 1  # 300 of 400 queries right
+    mixed = base.clone()
+    mixed[300:310] = 1  # 10 more right ...
+    mixed[:7] = 0  # ... and 7 fewer: a lead of 3, within one standard error (10.3 queries)
+    assert not clearly_better(mixed, base)
+    only_gains = base.clone()
+    only_gains[300:303] = 1  # 3 more right and none lost: beyond it
+    assert clearly_better(only_gains, base)
+    assert not clearly_better(base, base)
+    assert not clearly_better(base, only_gains)
 
 
 def test_fitted_weights_put_recall_at_1_first():
     """A class-level member lifts MAP@R and blurs near duplicates: the fit may add it only
-    as far as the own member's Recall@1 holds."""
+    as far as the own member's Recall@1 holds (to within a few of 480 queries)."""
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(8, 16, generator=g)
-    labels = torch.arange(8).repeat_interleave(12)
+    labels = torch.arange(8).repeat_interleave(60)
     look = centres[labels] + 1.2 * torch.randn(len(labels), 16, generator=g)  # each image's own
     own = look + 0.3 * torch.randn(len(labels), 16, generator=g)
     query = F.normalize(look + torch.randn(len(labels), 16, generator=g), dim=-1)
@@ -166,7 +201,8 @@ def test_fitted_weights_put_recall_at_1_first():
     assert even["map_at_r"] > alone["map_at_r"] and even["recall_at_1"] < alone["recall_at_1"]
     for name in (QUERY_MEMBER, "own"):
         kept = fitted(name)
-        assert kept["recall_at_1"] >= alone["recall_at_1"] and kept["map_at_r"] > alone["map_at_r"]
+        assert kept["recall_at_1"] >= alone["recall_at_1"] - 0.01 > even["recall_at_1"]
+        assert kept["map_at_r"] > alone["map_at_r"]
 
 
 def test_the_query_member_is_the_query_embedding_in_to_query_mode(tmp_path):

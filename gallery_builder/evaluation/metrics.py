@@ -17,6 +17,7 @@ __all__ = [
     "search",
     "retrieval_metrics",
     "scored_metrics",
+    "per_query_metrics",
     "recall_at_1",
     "gallery_ceiling",
 ]
@@ -74,27 +75,40 @@ def scored_metrics(
     """:func:`retrieval_metrics` from similarity scores: ``scores(start, stop)`` gives the
     (stop - start, gallery) scores of those queries (fusion weights are fitted this way, from
     precomputed per-member scores)."""
+    per_query = per_query_metrics(scores, n_queries, query_labels, gallery_labels, chunk)
+    return {k: v.mean().item() for k, v in per_query.items()}
+
+
+@torch.no_grad()
+def per_query_metrics(
+    scores,
+    n_queries: int,
+    query_labels: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    chunk: int = 256,
+) -> dict[str, torch.Tensor]:
+    """Each query's Recall@1, Recall@5 (0 or 1) and average precision at R, each (n_queries,),
+    from ``scores`` as :func:`scored_metrics` takes them; the metrics are their means (a
+    query without a gallery item of its label scores 0)."""
     query_labels = torch.as_tensor(query_labels)
     gallery_labels = torch.as_tensor(gallery_labels)
     counts = torch.bincount(gallery_labels, minlength=int(query_labels.max()) + 1)
     r = counts[query_labels]
     max_r = min(max(int(r.max()), 5), len(gallery_labels))
-    hits1 = hits5 = map_sum = 0.0
+    keys = ("recall_at_1", "recall_at_5", "map_at_r")
+    out = {k: torch.zeros(n_queries, dtype=torch.float64) for k in keys}
     for start in range(0, n_queries, chunk):
         stop = min(start + chunk, n_queries)
         _, idx = scores(start, stop).topk(max_r, dim=1)
         rel = (gallery_labels[idx] == query_labels[start:stop, None]).float()
-        hits1 += rel[:, 0].sum().item()
-        hits5 += rel[:, :5].amax(dim=1).sum().item()
+        out["recall_at_1"][start:stop] = rel[:, 0]
+        out["recall_at_5"][start:stop] = rel[:, :5].amax(dim=1)
         rq = r[start:stop]
         ranks = torch.arange(1, rel.shape[1] + 1)
-        within_r = ranks[None, :] <= rq[:, None]
-        rel = rel * within_r
+        rel = rel * (ranks[None, :] <= rq[:, None])
         precision = rel.cumsum(dim=1) / ranks
-        ap = (precision * rel).sum(dim=1) / rq.clamp(min=1)
-        map_sum += ap[rq > 0].sum().item()
-    n = n_queries
-    return {"recall_at_1": hits1 / n, "recall_at_5": hits5 / n, "map_at_r": map_sum / n}
+        out["map_at_r"][start:stop] = (precision * rel).sum(dim=1) / rq.clamp(min=1)
+    return out
 
 
 @torch.no_grad()
