@@ -209,28 +209,3 @@ def test_neighbours_survive_a_save_and_load(tmp_path):
 def test_bad_neighbours_are_refused(neighbours, message):
     with pytest.raises(ValueError, match=message):
         _heads().set_neighbours(neighbours)
-
-
-def _fit(raw_view: dict[str, torch.Tensor]) -> dict:
-    """The ensemble of a to-query head set (an untrained head for ``g``, the own member) on
-    the constructed classes, with ``raw_view`` as the gallery model's embeddings."""
-    from gallery_builder.evaluation import run
-
-    own, _, queries, labels = _classes(per_class=30)
-    heads = HeadSet("to-query", QUERY_DIM, {"g": 8}, QUERY_DIM, 12, layers=0, identity=True)
-    score = run._Scorer.__new__(run._Scorer)  # the validation labels are all it needs here
-    score.labels = {"val_query": labels, "val_gallery": labels}
-    raw = {"val_gallery": {**raw_view, QUERY_MEMBER: own}}
-    view = ValidationView(raw_view)
-    return run._fit_ensemble(heads, raw, queries, score, view, ["g", QUERY_MEMBER])
-
-
-def test_the_ensemble_takes_the_neighbours_only_when_clearly_better():
-    _, seen, _, labels = _classes(per_class=30)
-    fit = _fit(seen)
-    assert fit["neighbours"]["neighbours"] is not None
-    assert fit["ensemble"] is fit["neighbours"]
-    blind = {"g": torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(7))}
-    fit = _fit(blind)
-    assert fit["neighbours"]["neighbours"] is not None  # a lead on these queries, by chance
-    assert fit["ensemble"] is fit["fused"]

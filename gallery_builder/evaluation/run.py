@@ -6,12 +6,11 @@ Settings (exact search, mean +- std over head-training seeds where heads are inv
 ``kd:G`` a distilled query model searched against G's own index; ``MODE:G`` one gallery model
 through its head (N = 1); ``unified:query`` the identity member alone (the query model on
 both sides, through the query head); ``MODE:mean`` the paper's plain mean of the N heads;
-``MODE:fused`` the N heads and the query model's own embedding of the gallery image (the
+``MODE:ensemble`` the N heads and the query model's own embedding of the gallery image (the
 identity member), fused with weights fitted on the validation classes; ``MODE:neighbours`` the
 query model's own member averaged over each gallery image's nearest neighbours in the gallery
 models' view (the mean of their cosine similarities; the view, k and the similarity exponent
-fitted on the validation classes); ``MODE:ensemble`` the neighbours where clearly better on
-validation, else the fused members. MODE is ``unified`` or ``to-query``. Everything that is
+fitted on the validation classes). MODE is ``unified`` or ``to-query``. Everything that is
 chosen (weights, neighbours, the recommended setting) is chosen on the validation split, never
 on the search classes (:func:`~gallery_builder.evaluation.fusion_fit.value`: Recall@1 first,
 MAP@R deciding near ties), against a validation gallery padded
@@ -40,16 +39,13 @@ from gallery_builder.evaluation.experiment import (
 from gallery_builder.evaluation.fusion_fit import (
     ValidationView,
     choose,
-    clearly_better,
     fit_neighbours,
     fit_weights,
     graph_weights,
-    query_values,
     write_recommendation,
 )
 from gallery_builder.evaluation.metrics import (
     gallery_ceiling,
-    per_query_metrics,
     recall_at_1,
     retrieval_metrics,
     search,
@@ -129,10 +125,6 @@ class _Scorer:
         return retrieval_metrics(
             q, self.labels[prefix + "query"], g, self.labels[prefix + "gallery"]
         )
-
-    def query_values(self, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Each validation query's share of :func:`~gallery_builder.evaluation.fusion_fit.value`."""
-        return query_values(per_query_metrics(lambda a, b: q[a:b] @ g.T, len(q), *self.val_labels))
 
     @property
     def val_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,7 +332,7 @@ def _evaluate_heads(heads: HeadSet, raw: dict, score: _Scorer, view: ValidationV
     """One head set's settings on search and validation: each member alone, the plain mean of
     the gallery models' heads, the members fused by weights fitted on validation (``fused``),
     the query model's own member averaged over the gallery models' neighbours
-    (``neighbours``), and the ensemble (:func:`_fit_ensemble`)."""
+    (``neighbours``), and the ensemble: whichever of those two wins on validation."""
     q = {v: heads.encode_query(raw["val_query" if v else "query"][QUERY_MEMBER]) for v in (0, 1)}
     out = {}
 
@@ -372,12 +364,8 @@ def _fit_ensemble(
     """The ensemble of ``names`` fitted on the validation split: ``fused`` (fusion weights),
     ``neighbours`` (the query model's own member averaged over its neighbours in the gallery
     models' view, or alone where averaging does not help; None without that member) and
-    ``ensemble``: the neighbours where they are clearly better on validation
-    (:func:`clearly_better`; their k, alpha and view are the best of some 80 fits, and the
-    best of many looks better on the queries it was picked on than it is), else the fused
-    members (Fashion-MNIST, seed 0: the neighbours of resnet led the fused resnet + own
-    member by 6 of 2,500 validation queries and lost 0.93 Recall@1 on the test images). Each
-    is ``{"weights", "neighbours"}`` as :class:`HeadSet` takes them."""
+    ``ensemble``, the one of the two that wins on validation (:func:`choose`). Each is
+    ``{"weights", "neighbours"}`` as :class:`HeadSet` takes them."""
     val = raw["val_gallery"]
     with torch.no_grad():
         members = {m: heads.transform_gallery(m, val[m].float()) for m in names}
@@ -385,7 +373,7 @@ def _fit_ensemble(
     fused = {"weights": weights, "neighbours": None}
     if QUERY_MEMBER not in names:
         return {"fused": fused, "neighbours": None, "ensemble": fused}
-    neighbours, _ = fit_neighbours(
+    neighbours, averaged_val = fit_neighbours(
         members[QUERY_MEMBER],
         view,
         [n for n in names if n != QUERY_MEMBER],
@@ -395,11 +383,13 @@ def _fit_ensemble(
     averaged = {"weights": {m: float(m == QUERY_MEMBER) for m in names}, "neighbours": neighbours}
     if neighbours is None:  # the own member alone: it does not compete with the fusion
         return {"fused": fused, "neighbours": averaged, "ensemble": fused}
-    clearly = clearly_better(
-        score.query_values(q_val, _gallery(heads, val, averaged)),
-        score.query_values(q_val, _gallery(heads, val, fused)),
-    )
-    return {"fused": fused, "neighbours": averaged, "ensemble": averaged if clearly else fused}
+    fused_val = score(q_val, _gallery(heads, val, fused), val=True)
+    best = choose({"fused": fused_val, "neighbours": averaged_val})
+    return {
+        "fused": fused,
+        "neighbours": averaged,
+        "ensemble": fused if best == "fused" else averaged,
+    }
 
 
 def _gallery(heads: HeadSet, raw: dict, choice: dict) -> torch.Tensor:
