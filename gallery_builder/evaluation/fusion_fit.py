@@ -23,7 +23,6 @@ __all__ = [
     "fit_neighbours",
     "choose",
     "value",
-    "query_values",
     "clearly_better",
     "MAP_WEIGHT",
     "graph_candidates",
@@ -85,7 +84,7 @@ def fit_weights(
         wt = torch.tensor(w)
         norm = torch.einsum("m,bmn,n->b", wt, gram, wt).clamp_min(1e-12).sqrt()
         fused = torch.einsum("m,mqb->qb", wt, scores) / norm
-        return query_values(
+        return value(  # each query's share of the value
             per_query_metrics(lambda a, b: fused[a:b], len(query), query_labels, gallery_labels)
         )
 
@@ -135,8 +134,9 @@ def graph_weights(weights: dict[str, float]) -> dict[str, float]:
     return gallery if any(w > 0 for w in gallery.values()) else dict.fromkeys(gallery, 1.0)
 
 
-def value(metrics: dict) -> float:
-    """What every choice on validation maximises: Recall@1 + :data:`MAP_WEIGHT` x MAP@R.
+def value(metrics: dict) -> float | torch.Tensor:
+    """What every choice on validation maximises: Recall@1 + :data:`MAP_WEIGHT` x MAP@R (of
+    per-query metrics, each query's share of it).
 
     Recall@1 comes first because the two trade against each other on unseen classes: the
     heavier the neighbour averaging, the higher MAP@R and the lower Recall@1. MAP@R still
@@ -148,12 +148,6 @@ def value(metrics: dict) -> float:
     (Fashion-MNIST: `to-query:ensemble`, 1.18 Recall@1 and 9.6 MAP@R below `unified:ensemble`
     on the test images); the weight keeps all three right between 0.0044 and 0.015."""
     return metrics["recall_at_1"] + MAP_WEIGHT * metrics["map_at_r"]
-
-
-def query_values(per_query: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each query's share of :func:`value` (its mean is the value), from
-    :func:`~gallery_builder.evaluation.metrics.per_query_metrics`."""
-    return per_query["recall_at_1"] + MAP_WEIGHT * per_query["map_at_r"]
 
 
 def choose(candidates: dict) -> object:
