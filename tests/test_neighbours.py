@@ -15,7 +15,6 @@ from gallery_builder.evaluation.fusion_fit import (
     choose,
     fit_neighbours,
     graph_candidates,
-    graph_weights,
     value,
 )
 from gallery_builder.evaluation.metrics import retrieval_metrics
@@ -77,12 +76,6 @@ def test_graph_space_inner_product_is_the_weighted_mean_cosine():
     torch.testing.assert_close(space @ space.T, (cos["a"] + 3 * cos["b"]) / 4)
 
 
-def test_graph_weights_leave_out_the_query_models_member():
-    assert graph_weights({"a": 2.0, "b": 0.0, QUERY_MEMBER: 4.0}) == {"a": 2.0, "b": 0.0}
-    assert graph_weights({"a": 0.0, "b": 0.0, QUERY_MEMBER: 1.0}) == {"a": 1.0, "b": 1.0}
-
-
-# ------------------------------------------------------------------------------- fitting
 def _classes(n_classes=12, per_class=10, noise=1.2, seed=0):
     """Own vectors far from their class centres, and a gallery-model view that sees classes."""
     gen = torch.Generator().manual_seed(seed)

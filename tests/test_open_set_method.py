@@ -19,6 +19,7 @@ from gallery_builder.evaluation.fusion_fit import (
     write_recommendation,
 )
 from gallery_builder.evaluation.metrics import retrieval_metrics
+from gallery_builder.evaluation.run import _on_subset, _unnamed
 from gallery_builder.training.augment import Augment
 from gallery_builder.training.fit import TrainSettings, planned_epochs
 from gallery_builder.training.fusion import fuse
@@ -175,6 +176,30 @@ def test_clearly_better_is_the_one_standard_error_rule():
     assert clearly_better(only_gains, base)
     assert not clearly_better(base, base)
     assert not clearly_better(base, only_gains)
+
+
+def test_against_n_restricts_a_fused_ensemble_to_the_subsets_models():
+    ensemble = {"weights": {"a": 2.0, "b": 0.0, "c": 1.0, QUERY_MEMBER: 4.0}, "neighbours": None}
+    assert _on_subset(ensemble, ["a", "c"])["weights"] == {"a": 2.0, "c": 1.0, QUERY_MEMBER: 4.0}
+    assert _on_subset(ensemble, ["b"]) == {
+        "weights": {"b": 0.0, QUERY_MEMBER: 4.0},  # the fit left b out: the own member alone
+        "neighbours": None,
+    }
+    only_b = {"weights": {"a": 1.0, "b": 0.0, QUERY_MEMBER: 0.0}, "neighbours": None}
+    assert _on_subset(only_b, ["b"])["weights"] == {"b": 1.0}  # nothing left: the plain mean
+
+
+def test_against_n_keeps_a_neighbour_ensembles_settings_on_the_subsets_view():
+    nb = {"k": 5, "alpha": 30.0, "graph": {"a": 1.0, "b": 1.0}}
+    ensemble = {"weights": {"a": 0.0, "b": 0.0, "c": 0.0, QUERY_MEMBER: 1.0}, "neighbours": nb}
+    on_ac = _on_subset(ensemble, ["a", "c"])
+    assert on_ac["weights"] == {"a": 0.0, "c": 0.0, QUERY_MEMBER: 1.0}
+    assert on_ac["neighbours"] == {"k": 5, "alpha": 30.0, "graph": {"a": 1.0}}
+    assert _on_subset(ensemble, ["c"])["neighbours"] is None  # c is not in the view
+    # other models (the diversity axes): the same k and exponent, every model in the view
+    other = _on_subset(_unnamed(ensemble), ["x", "y"])
+    assert other["neighbours"] == {"k": 5, "alpha": 30.0, "graph": {"x": 1.0, "y": 1.0}}
+    assert other["weights"] == {"x": 0.0, "y": 0.0, QUERY_MEMBER: 1.0}
 
 
 def test_fitted_weights_put_recall_at_1_first():

@@ -27,7 +27,6 @@ __all__ = [
     "MAP_WEIGHT",
     "graph_candidates",
     "ValidationView",
-    "graph_weights",
     "WEIGHT_LEVELS",
     "NEIGHBOUR_KS",
     "NEIGHBOUR_ALPHAS",
@@ -125,13 +124,6 @@ def clearly_better(a: torch.Tensor, b: torch.Tensor) -> bool:
     this rule keeps there. Fitting on all 2,500 queries without the rule did no better."""
     d = (a - b).double()
     return bool(d.mean() > d.std() / len(d) ** 0.5) if len(d) > 1 else bool(d.mean() > 0)
-
-
-def graph_weights(weights: dict[str, float]) -> dict[str, float]:
-    """The gallery models' weights in the neighbour graph: their fusion weights (the query
-    model's own member left out), equal when none has weight."""
-    gallery = {n: w for n, w in weights.items() if n != QUERY_MEMBER}
-    return gallery if any(w > 0 for w in gallery.values()) else dict.fromkeys(gallery, 1.0)
 
 
 def value(metrics: dict) -> float | torch.Tensor:

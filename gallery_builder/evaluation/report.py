@@ -290,9 +290,11 @@ def _against_n_tables(report: dict) -> str:
             )
     return (
         "Mean over every subset of N gallery models, on the search classes. `mean`: the plain "
-        "mean of their heads; `ensemble`: with the query model's own member, fitted on "
-        "validation as `MODE:ensemble` is (fused weights, or the own member averaged over the "
-        "neighbours these N models see). Diversity axes: the same architecture with other "
+        "mean of their heads; `ensemble`: `MODE:ensemble` (fitted on validation with all the "
+        "gallery models) on these N: its fused weights, or the own member averaged over the "
+        "neighbours those of them in its view see, with the same neighbour count and exponent "
+        "(not fitted again per subset: on a few thousand validation queries that choice is "
+        "noisier than what one more model adds). Diversity axes: the same architecture with other "
         "seeds, with other data subsets, and other architectures (their heads train on the "
         "training images without extra views, one seed).\n\n"
         "| models | N | subsets | Recall@1 mean | Recall@1 ensemble | MAP@R mean | "
