@@ -242,6 +242,14 @@ def test_tiny_open_set_run(glyph_root, tmp_path, monkeypatch):
     for name, metrics in report["settings"].items():
         for key in ("recall_at_1", "recall_at_5", "map_at_r"):
             assert 0 <= metrics[key] <= 1, (name, key)
+    # against N: the whole line-up's row is the mode's ensemble and plain mean themselves
+    settings = report["settings"]
+    for mode, curve in report["against_n"].items():
+        assert [(r["n"], r["subsets"]) for r in curve["rows"]] == [(1, 2), (2, 1)]
+        for key in ("recall_at_1", "map_at_r"):
+            whole = curve["rows"][-1]
+            assert whole[f"ensemble_{key}"] == pytest.approx(settings[f"{mode}:ensemble"][key])
+            assert whole[f"mean_{key}"] == pytest.approx(settings[f"{mode}:mean"][key])
     assert "| setting | Recall@1 (%)" in result.output and "Protocol: open set" in result.output
     assert (out / "report.md").read_text().count(protocol) == 1
     # `cmce eval` reads the run's heads, which fuse the query model's own member too
