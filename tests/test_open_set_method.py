@@ -187,6 +187,11 @@ def test_against_n_restricts_a_fused_ensemble_to_the_subsets_models():
     }
     only_b = {"weights": {"a": 1.0, "b": 0.0, QUERY_MEMBER: 0.0}, "neighbours": None}
     assert _on_subset(only_b, ["b"])["weights"] == {"b": 1.0}  # nothing left: the plain mean
+    # other models (the diversity axes): each counts 1, the own member keeps its weight
+    assert _on_subset(_unnamed(ensemble), ["x", "y"]) == {
+        "weights": {"x": 1.0, "y": 1.0, QUERY_MEMBER: 4.0},
+        "neighbours": None,
+    }
 
 
 def test_against_n_keeps_a_neighbour_ensembles_settings_on_the_subsets_view():
