@@ -104,9 +104,10 @@ head (the ensemble's identity member alone). `MODE:mean`: the plain mean of the 
 paper's fusion). `MODE:fused`: the N heads and the query model's own embedding of the
 gallery image, fused with weights fitted on the validation split. `MODE:neighbours`: the query
 model's own embedding of each gallery image averaged with its nearest gallery neighbours as the
-gallery models see them (their cosine similarity at the fused weights; how many neighbours and
-how steeply they are weighted fitted on the validation split). `MODE:ensemble`: whichever of
-`fused` and `neighbours` wins on the validation split (per head seed).
+gallery models see them (the mean of their cosine similarities; which models, how many
+neighbours and how steeply they are weighted fitted on the validation split).
+`MODE:ensemble`: whichever of `fused` and `neighbours` wins on the validation split (per head
+seed).
 
 {_gap_sentence(report)}
 

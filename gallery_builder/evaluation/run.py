@@ -6,11 +6,12 @@ Settings (exact search, mean +- std over head-training seeds where heads are inv
 ``kd:G`` a distilled query model searched against G's own index; ``MODE:G`` one gallery model
 through its head (N = 1); ``unified:query`` the identity member alone (the query model on
 both sides, through the query head); ``MODE:mean`` the paper's plain mean of the N heads;
-``MODE:ensemble`` the N heads and the query model's own embedding of the gallery image (the
+``MODE:fused`` the N heads and the query model's own embedding of the gallery image (the
 identity member), fused with weights fitted on the validation classes; ``MODE:neighbours`` the
 query model's own member averaged over each gallery image's nearest neighbours in the gallery
 models' view (the mean of their cosine similarities; the view, k and the similarity exponent
-fitted on the validation classes). MODE is ``unified`` or ``to-query``. Everything that is
+fitted on the validation classes); ``MODE:ensemble`` whichever of the two wins on validation.
+MODE is ``unified`` or ``to-query``. Everything that is
 chosen (weights, neighbours, the recommended setting) is chosen on the validation split, never
 on the search classes (:func:`~gallery_builder.evaluation.fusion_fit.value`: Recall@1 first,
 MAP@R deciding near ties), against a validation gallery padded
@@ -555,11 +556,11 @@ def _update_study(
     }
     # to-query, as deployed with the old query model (its own member, the ensemble fitted on
     # validation); the update: the new query model's gallery heads re-project the stored raw
-    # embeddings, without the old query model's member (it is in the old space)
+    # embeddings, fused at weights fitted on validation over them alone (the old query
+    # model's member is in the old space)
     old = train_heads("to-query", head_train, oq_train, labels, s, identity=True)
     chosen = _fit_ensemble(old, val_raw, old.encode_query(eoq.val_query), score, view, old.members)
     gv = _gallery(old, {**gallery_raw, QUERY_MEMBER: eoq.gallery}, chosen["ensemble"])
-    # (fused with weights fitted on validation over the gallery heads alone)
     new = first["to-query"]["heads"]
     fit = _fit_ensemble(new, raw, new.encode_query(eq.val_query), score, view, list(head_train))
     reprojected = _gallery(new, gallery_raw, fit["ensemble"])
